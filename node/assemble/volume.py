@@ -1,0 +1,194 @@
+"""Series → volume in patient geometry.
+
+Slices are sorted along the normal of ImageOrientationPatient (not by InstanceNumber or file name),
+rescale slope/intercept are applied, and compressed pixel data is decoded (pylibjpeg's openjpeg and
+libjpeg plugins; RLE and deflate natively). A series that cannot form a volume raises
+:class:`VolumeError` with a sentence that says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+
+from node.errors import VolumeError
+
+#: Orientation cosines may differ by this much between slices of one volume.
+ORIENTATION_TOLERANCE = 1e-3
+#: Slice spacing may vary by this fraction of the median before the series is refused.
+SPACING_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel (k, i, j) = (slice, row, column) → patient position in mm (LPS).
+
+    position = origin + k*spacing[0]*normal + i*spacing[1]*col_dir + j*spacing[2]*row_dir
+    where row_dir is IOP[0:3] (along a row, increasing column index) and col_dir IOP[3:6].
+    """
+
+    origin: np.ndarray
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+
+    def to_patient(self, kij: np.ndarray) -> np.ndarray:
+        """Map (..., 3) arrays of (k, i, j) voxel coordinates (may be fractional) to LPS mm."""
+        kij = np.asarray(kij, dtype=np.float64)
+        return (
+            self.origin
+            + kij[..., 0:1] * self.spacing[0] * self.normal
+            + kij[..., 1:2] * self.spacing[1] * self.col_dir
+            + kij[..., 2:3] * self.spacing[2] * self.row_dir
+        )
+
+    def slice_position(self, k: int) -> np.ndarray:
+        return self.origin + k * self.spacing[0] * self.normal
+
+
+@dataclass
+class Volume:
+    """A series' pixels in Hounsfield units (or the modality's rescaled unit), in slice order."""
+
+    voxels: np.ndarray  # float32, (slices, rows, columns)
+    geometry: Geometry
+    headers: list[Dataset]  # per slice, pixel data removed, same order as voxels
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        return [str(h.SOPInstanceUID) for h in self.headers]
+
+
+def read_series(paths: Sequence[Path]) -> list[Dataset]:
+    """Read every file of a series (with pixel data); unreadable files raise VolumeError."""
+    datasets = []
+    for path in paths:
+        try:
+            ds = dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+        if not str(ds.get("SOPInstanceUID", "") or "") and "MediaStorageSOPInstanceUID" in ds.file_meta:
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        datasets.append(ds)
+    return datasets
+
+
+def _vector(ds: Dataset, keyword: str, n: int) -> np.ndarray:
+    value = ds.get(keyword)
+    uid = ds.get("SOPInstanceUID", "?")
+    if value is None or len(value) != n:
+        raise VolumeError(f"instance {uid} has no valid {keyword} (got {value!r}); cannot place it in space")
+    try:
+        return np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"instance {uid} has a non-numeric {keyword} {value!r}") from exc
+
+
+def build_volume(datasets: Sequence[Dataset]) -> Volume:
+    """Sort, check and stack a single-frame series into a :class:`Volume`."""
+    if not datasets:
+        raise VolumeError("the series has no instances")
+    first = datasets[0]
+    for ds in datasets:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise VolumeError(
+                f"instance {ds.get('SOPInstanceUID', '?')} is multi-frame "
+                f"({ds.NumberOfFrames} frames); enhanced multi-frame series are not supported yet"
+            )
+        if "PixelData" not in ds:
+            raise VolumeError(f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(sizes) > 1:
+        raise VolumeError(f"the series mixes image sizes {sorted(sizes)}; one volume needs one size")
+    orientations = [_vector(ds, "ImageOrientationPatient", 6) for ds in datasets]
+    iop = orientations[0]
+    for ds, other in zip(datasets, orientations):
+        if np.abs(other - iop).max() > ORIENTATION_TOLERANCE:
+            raise VolumeError(
+                f"the series mixes orientations: {ds.SOPInstanceUID} has ImageOrientationPatient "
+                f"{[round(v, 4) for v in other]} where others have {[round(v, 4) for v in iop]}"
+            )
+    row_dir = iop[:3] / np.linalg.norm(iop[:3])
+    col_dir = iop[3:] / np.linalg.norm(iop[3:])
+    normal = np.cross(row_dir, col_dir)
+    spacings = {tuple(_vector(ds, "PixelSpacing", 2)) for ds in datasets}
+    if len(spacings) > 1:
+        raise VolumeError(f"the series mixes PixelSpacing values {sorted(spacings)}")
+    pixel_spacing = next(iter(spacings))
+    if min(pixel_spacing) <= 0:
+        raise VolumeError(f"PixelSpacing {list(pixel_spacing)} is not positive")
+
+    positions = np.array([_vector(ds, "ImagePositionPatient", 3) for ds in datasets])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    ordered = [datasets[i] for i in order]
+    if len(ordered) > 1:
+        steps = np.diff(along)
+        dup = np.flatnonzero(steps < 1e-3)
+        if dup.size:
+            a, b = ordered[dup[0]], ordered[dup[0] + 1]
+            raise VolumeError(
+                f"instances {a.SOPInstanceUID} and {b.SOPInstanceUID} share the position "
+                f"{along[dup[0]]:.2f} mm along the slice normal; duplicate slices cannot form a volume"
+            )
+        median = float(np.median(steps))
+        bad = np.flatnonzero(np.abs(steps - median) > SPACING_TOLERANCE * median)
+        if bad.size:
+            k = int(bad[0])
+            raise VolumeError(
+                f"slice spacing is not uniform: {steps[k]:.2f} mm between slices {k} and {k + 1} "
+                f"(at {along[k]:.1f} mm along the normal) where the series mostly has {median:.2f} mm"
+                + ("; slices are missing" if steps[k] > median else "")
+            )
+        slice_spacing = median
+        # In-plane offsets must be consistent with a straight stack (no shear beyond the normal).
+        offsets = positions[order] - positions[order][0]
+        lateral = offsets - np.outer(offsets @ normal, normal)
+        if np.abs(lateral).max() > 0.5 * max(pixel_spacing):
+            raise VolumeError(
+                "slice positions drift within the image plane "
+                f"(up to {np.abs(lateral).max():.2f} mm); the series is not a regular stack"
+            )
+    else:
+        slice_spacing = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+
+    rows, cols = next(iter(sizes))
+    voxels = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    headers: list[Dataset] = []
+    for k, ds in enumerate(ordered):
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # pydicom raises a variety of decoder errors
+            ts = ds.file_meta.get("TransferSyntaxUID", "?")
+            raise VolumeError(
+                f"the pixel data of instance {ds.SOPInstanceUID} (transfer syntax {ts}) cannot be decoded: {exc}"
+            ) from exc
+        if pixels.ndim != 2:
+            raise VolumeError(
+                f"instance {ds.SOPInstanceUID} has pixel array shape {pixels.shape}; only single-sample images are supported"
+            )
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        np.multiply(pixels, slope, out=voxels[k], casting="unsafe")
+        voxels[k] += intercept
+        header = ds.copy()
+        del header.PixelData
+        headers.append(header)
+
+    geometry = Geometry(
+        origin=positions[order][0],
+        row_dir=row_dir,
+        col_dir=col_dir,
+        normal=normal,
+        spacing=(float(slice_spacing), float(pixel_spacing[0]), float(pixel_spacing[1])),
+        shape=(len(ordered), rows, cols),
+    )
+    return Volume(voxels=voxels, geometry=geometry, headers=headers)

@@ -1,0 +1,299 @@
+"""Command line: ``dicom-seg-node`` / ``python -m node``.
+
+serve    run the service (receive → assemble → infer → write → send)
+segment  the same pipeline offline, on files and folders
+echo     C-ECHO a DICOM peer
+status   what the service's index holds: series, jobs, outbox
+retry    resend dead-lettered results
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from node import __version__
+from node.config import NodeConfig, load_config, parse_destination, with_overrides
+from node.errors import NodeError
+
+log = logging.getLogger("node")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+
+
+def _load(args: argparse.Namespace) -> NodeConfig:
+    cfg = load_config(Path(args.config) if getattr(args, "config", None) else None)
+    return with_overrides(
+        cfg,
+        port=getattr(args, "port", None),
+        ae_title=getattr(args, "ae_title", None),
+        state_dir=Path(args.state_dir) if getattr(args, "state_dir", None) else None,
+        destinations=getattr(args, "destination", None),
+        bind_address=getattr(args, "bind", None),
+    )
+
+
+# ---------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.service.daemon import serve
+
+    cfg = _load(args)
+    return serve(cfg)
+
+
+# -------------------------------------------------------------------------------------- segment
+@dataclass
+class _SeriesFiles:
+    series_uid: str
+    description: str
+    modality: str
+    sop_class_uid: str
+    paths: list[Path]
+
+
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _scan(inputs: list[str]) -> tuple[list[_SeriesFiles], list[str]]:
+    files: list[Path] = []
+    problems: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            problems.append(f"{item}: no such file or folder")
+    groups: dict[str, _SeriesFiles] = {}
+    for f in files:
+        try:
+            ds = dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue  # not DICOM: READMEs, label maps and the like are skipped silently
+        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        if sop_class == DICOMDIR_CLASS:
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        group = groups.setdefault(
+            uid, _SeriesFiles(uid, str(ds.get("SeriesDescription", "")), str(ds.get("Modality", "")), sop_class, [])
+        )
+        group.paths.append(f)
+    return list(groups.values()), problems
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from node.assemble.select import SeriesFacts, select_bundles
+    from node.infer.bundle import discover_bundles
+    from node.jobs.pipeline import run_job
+    from node.jobs.worker import make_engine
+    from node.write.provenance import Provenance
+
+    cfg = _load(args)
+    console = Console(stderr=True)
+    bundles = discover_bundles(cfg.bundles_dir, tuple(args.bundle) if args.bundle else cfg.bundles)
+    series_list, problems = _scan(args.inputs)
+    for problem in problems:
+        console.print(f"[red]{problem}")
+    if not series_list:
+        console.print("[red]no DICOM series found in the input")
+        return 2
+    out_root = Path(args.output)
+    rows: list[tuple[str, str, str, str, str]] = []
+    failed = bool(problems)
+    engines = {}
+    work = []
+    for s in series_list:
+        chosen, reasons = select_bundles(bundles, SeriesFacts(s.modality, s.sop_class_uid, len(s.paths)))
+        if not chosen:
+            rows.append((_series_label(s), "-", "-", "-", "skipped: " + "; ".join(reasons)))
+        work.extend((s, b) for b in chosen)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("segmenting", total=len(work))
+        for s, bundle in work:
+            progress.update(task, description=f"{bundle.name} on {_series_label(s)}")
+            started = time.perf_counter()
+            try:
+                engine = engines.get(bundle.id) or engines.setdefault(bundle.id, make_engine(bundle, cfg))
+                out_dir = out_root / _series_dir(s.series_uid) / bundle.name
+                outcome = run_job(s.paths, bundle, engine, out_dir, provenance=Provenance.now(cfg.ae_title),
+                                  write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct)
+                result = "ok: " + ", ".join(str(o.path) for o in outcome.objects)
+                structures = ", ".join(outcome.structures)
+            except NodeError as exc:
+                failed = True
+                result, structures = f"failed: {exc}", "-"
+            except Exception as exc:  # report, keep going with the other series
+                failed = True
+                log.exception("unexpected failure on series %s", s.series_uid)
+                result, structures = f"failed: unexpected {type(exc).__name__}: {exc}", "-"
+            rows.append((_series_label(s), bundle.id, structures, f"{time.perf_counter() - started:.1f} s", result))
+            progress.advance(task)
+    table = Table(title="segment summary")
+    for column in ("series", "model", "structures", "time", "result"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    return 1 if failed else 0
+
+
+def _series_label(s: _SeriesFiles) -> str:
+    uid = s.series_uid or "(empty SeriesInstanceUID)"
+    return f"{s.description or s.modality} [{len(s.paths)}] {uid[-12:] if s.series_uid else uid}"
+
+
+def _series_dir(series_uid: str) -> str:
+    return "series-" + hashlib.sha256(series_uid.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------- echo
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.dicom.scu import echo
+
+    peer = parse_destination(args.peer, where="echo")
+    print(echo(peer, calling_aet=args.calling_aet, timeout_s=args.timeout))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- status
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from node.spool.index import Index
+
+    cfg = _load(args)
+    if not cfg.index_path.exists():
+        print(f"no index at {cfg.index_path}: the service has not run with this state directory")
+        return 1
+    index = Index(cfg.index_path)
+    if args.json:
+        print(json.dumps({
+            "series": [s.__dict__ | {"state": s.state.value} for s in index.all_series()],
+            "jobs": [j.__dict__ | {"state": j.state.value} for j in index.jobs(args.limit)],
+            "outbox": [o.__dict__ | {"state": o.state.value, "path": str(o.path)} for o in index.outbox(args.limit)],
+        }, indent=2))
+        return 0
+    console = Console()
+    t = Table(title=f"series ({index.instance_count()} instances stored)")
+    for c in ("series", "modality", "instances", "state", "note"):
+        t.add_column(c, overflow="fold")
+    for s in index.all_series()[-args.limit:]:
+        t.add_row(s.series_uid, s.modality, str(s.instance_count), s.state.value, s.note)
+    console.print(t)
+    t = Table(title="jobs")
+    for c in ("id", "series", "bundle", "state", "attempts", "error / timings"):
+        t.add_column(c, overflow="fold")
+    for j in index.jobs(args.limit):
+        t.add_row(str(j.id), j.series_uid[-16:], j.bundle, j.state.value, str(j.attempts),
+                  j.error or index.job_timings(j.id))
+    console.print(t)
+    t = Table(title="outbox")
+    for c in ("id", "job", "destination", "object", "state", "attempts", "next try", "last status"):
+        t.add_column(c, overflow="fold")
+    by_state: dict[str, int] = defaultdict(int)
+    for o in index.outbox(args.limit):
+        by_state[o.state.value] += 1
+        nxt = time.strftime("%H:%M:%S", time.localtime(o.next_attempt_at)) if o.state.value == "pending" else ""
+        t.add_row(str(o.id), str(o.job_id), o.destination, o.path.name, o.state.value, str(o.attempts), nxt,
+                  o.last_status)
+    console.print(t)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from node.spool.index import Index
+
+    cfg = _load(args)
+    n = Index(cfg.index_path).retry_dead()
+    print(f"{n} dead-lettered object(s) queued for sending again")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-seg-node",
+        description="A DICOM node that segments studies it receives and sends back DICOM-SEG and RTSTRUCT.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", metavar="TOML", help="config file (default: the embedded defaults)")
+        p.add_argument("--state-dir", metavar="DIR", help="override node.state_dir")
+
+    p = sub.add_parser("serve", help="run the service", description="Receive, segment and send, until stopped.")
+    add_config(p)
+    p.add_argument("--port", type=int, help="override node.port (default 11112)")
+    p.add_argument("--ae-title", help="override node.ae_title (default SEGNODE)")
+    p.add_argument("--bind", help="override node.bind_address (default 0.0.0.0)")
+    p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
+                   help="add a destination for results (repeatable)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("segment", help="segment files/folders offline",
+                       description="Run the service's pipeline on DICOM files and folders; write SEG and RTSTRUCT.")
+    add_config(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (searched recursively)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="where results are written")
+    p.add_argument("--bundle", action="append", metavar="NAME", help="only this bundle (repeatable)")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM peer", description="Verify a peer with C-ECHO.")
+    p.add_argument("peer", metavar="AET@HOST:PORT")
+    p.add_argument("--calling-aet", default="SEGNODE", help="our AE title in the association (default SEGNODE)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("status", help="show series, jobs and the outbox",
+                       description="Read the service's index: series, jobs, outbox with retry state.")
+    add_config(p)
+    p.add_argument("--limit", type=int, default=50, help="rows per table (default 50)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="resend dead-lettered results", description="Queue dead letters again.")
+    add_config(p)
+    p.set_defaults(func=cmd_retry)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except NodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Typed configuration, read once at start from TOML and validated.
+
+Every error names the key, the file and what was expected. Nothing here is a module global: the
+composition root (``node.service.daemon``) builds one ``NodeConfig`` and passes it down.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+#: Where the bundled model bundles live in a source checkout / editable install.
+DEFAULT_BUNDLES_DIR = Path(__file__).resolve().parents[1] / "engines"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 chars of the default repertoire, no backslash
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives our results by C-STORE."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything the service needs, validated."""
+
+    ae_title: str = "SEGNODE"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    state_dir: Path = Path("state")
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_pdu_size: int = 0
+    workers: int = 1
+    quiet_period_s: float = 10.0
+    release_settle_s: float = 2.0
+    bundles_dir: Path = DEFAULT_BUNDLES_DIR
+    bundles: tuple[str, ...] = ()
+    engine_backend: str = "cpu"
+    engine_threads: int = 0
+    destinations: tuple[Destination, ...] = ()
+    send_max_attempts: int = 10
+    send_backoff_initial_s: float = 5.0
+    send_backoff_max_s: float = 600.0
+    send_timeout_s: float = 30.0
+    write_seg: bool = True
+    write_rtstruct: bool = True
+    source: str = "(embedded defaults)"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.state_dir / "results"
+
+    @property
+    def index_path(self) -> Path:
+        return self.state_dir / "index.sqlite3"
+
+
+def parse_destination(text: str, *, name: str | None = None, where: str = "--destination") -> Destination:
+    """Parse ``AET@HOST:PORT`` into a :class:`Destination`."""
+    match = re.fullmatch(r"(?P<aet>[^@]+)@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)", text.strip())
+    if not match:
+        raise ConfigError(f"{where}: {text!r} is not of the form AET@HOST:PORT (for example PACS@127.0.0.1:4242)")
+    aet = _ae_title(match["aet"], where)
+    port = _port(int(match["port"]), where)
+    host = match["host"].strip("[]")
+    return Destination(name=name or aet.lower(), ae_title=aet, host=host, port=port)
+
+
+def _ae_title(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _AE_TITLE.match(value.strip()):
+        raise ConfigError(f"{where}: {value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return value.strip()
+
+
+def _port(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ConfigError(f"{where}: {value!r} is not a TCP port (an integer 1-65535)")
+    return value
+
+
+class _Table:
+    """A TOML table with typed getters that raise ConfigError naming key and file."""
+
+    def __init__(self, data: dict[str, Any], prefix: str, source: str) -> None:
+        self.data = dict(data)
+        self.prefix = prefix
+        self.source = source
+
+    def where(self, key: str) -> str:
+        return f"{self.source}: key '{self.prefix}{key}'"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if key not in self.data:
+            return default
+        value = self.data.pop(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.where(key)} is {value!r}; expected {names}")
+        return value
+
+    def positive(self, key: str, default: float, *, integer: bool = False, allow_zero: bool = False) -> Any:
+        value = self.get(key, int if integer else float, default)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{self.where(key)} is {value!r}; expected a {'non-negative' if allow_zero else 'positive'} number")
+        return value
+
+    def finish(self) -> None:
+        if self.data:
+            unknown = ", ".join(f"'{self.prefix}{k}'" for k in sorted(self.data))
+            raise ConfigError(f"{self.source}: unknown key(s) {unknown}")
+
+
+def load_config(path: Path | None) -> NodeConfig:
+    """Read and validate a TOML config; ``None`` gives the embedded defaults."""
+    if path is None:
+        return NodeConfig()
+    source = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: the configuration file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    return config_from_mapping(raw, source=source, base_dir=Path(path).resolve().parent)
+
+
+def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> NodeConfig:
+    """Validate a parsed TOML document. Relative paths are relative to the file's folder."""
+    defaults = NodeConfig()
+    top = _Table(raw, "", source)
+    node = _Table(top.get("node", dict, {}), "node.", source)
+    assemble = _Table(top.get("assemble", dict, {}), "assemble.", source)
+    engines = _Table(top.get("engines", dict, {}), "engines.", source)
+    send = _Table(top.get("send", dict, {}), "send.", source)
+    output = _Table(top.get("output", dict, {}), "output.", source)
+    dest_list = top.get("destinations", list, [])
+    top.finish()
+
+    def path_value(table: _Table, key: str, default: Path) -> Path:
+        value = table.get(key, str, None)
+        if value is None:
+            return default
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+    ae_title = _ae_title(node.get("ae_title", str, defaults.ae_title), node.where("ae_title"))
+    port = _port(node.get("port", int, defaults.port), node.where("port"))
+    allowed = node.get("allowed_calling_aes", list, [])
+    allowed_titles = tuple(_ae_title(a, node.where("allowed_calling_aes")) for a in allowed)
+    cfg = NodeConfig(
+        ae_title=ae_title,
+        port=port,
+        bind_address=node.get("bind_address", str, defaults.bind_address),
+        state_dir=path_value(node, "state_dir", defaults.state_dir),
+        allowed_calling_aes=allowed_titles,
+        max_pdu_size=node.positive("max_pdu_size", defaults.max_pdu_size, integer=True, allow_zero=True),
+        workers=node.positive("workers", defaults.workers, integer=True),
+        quiet_period_s=assemble.positive("quiet_period_s", defaults.quiet_period_s),
+        release_settle_s=assemble.positive("release_settle_s", defaults.release_settle_s, allow_zero=True),
+        bundles_dir=path_value(engines, "bundles_dir", defaults.bundles_dir),
+        bundles=tuple(engines.get("bundles", list, [])),
+        engine_backend=engines.get("backend", str, defaults.engine_backend),
+        engine_threads=engines.positive("threads", defaults.engine_threads, integer=True, allow_zero=True),
+        destinations=tuple(_destination(d, i, source) for i, d in enumerate(dest_list)),
+        send_max_attempts=send.positive("max_attempts", defaults.send_max_attempts, integer=True),
+        send_backoff_initial_s=send.positive("backoff_initial_s", defaults.send_backoff_initial_s),
+        send_backoff_max_s=send.positive("backoff_max_s", defaults.send_backoff_max_s),
+        send_timeout_s=send.positive("timeout_s", defaults.send_timeout_s),
+        write_seg=output.get("seg", bool, defaults.write_seg),
+        write_rtstruct=output.get("rtstruct", bool, defaults.write_rtstruct),
+        source=source,
+    )
+    for table in (node, assemble, engines, send, output):
+        table.finish()
+    if cfg.engine_backend not in ("cpu", "auto"):
+        raise ConfigError(f"{source}: key 'engines.backend' is {cfg.engine_backend!r}; expected 'cpu' or 'auto'")
+    if not all(isinstance(b, str) for b in cfg.bundles):
+        raise ConfigError(f"{source}: key 'engines.bundles' must be a list of bundle names (strings)")
+    names = [d.name for d in cfg.destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: destination names must be unique; got {names}")
+    return cfg
+
+
+def _destination(raw: Any, index: int, source: str) -> Destination:
+    prefix = f"destinations[{index}]."
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: key 'destinations[{index}]' is {raw!r}; expected a table")
+    table = _Table(raw, prefix, source)
+    aet = _ae_title(table.get("ae_title", str, None), table.where("ae_title"))
+    host = table.get("host", str, None)
+    if not host:
+        raise ConfigError(f"{table.where('host')} is missing; expected a host name or address")
+    port = _port(table.get("port", int, None), table.where("port"))
+    name = table.get("name", str, aet.lower())
+    table.finish()
+    return Destination(name=name, ae_title=aet, host=host, port=port)
+
+
+def with_overrides(
+    cfg: NodeConfig,
+    *,
+    port: int | None = None,
+    ae_title: str | None = None,
+    state_dir: Path | None = None,
+    destinations: list[str] | None = None,
+    bind_address: str | None = None,
+) -> NodeConfig:
+    """Apply command-line overrides (``serve --port`` …) on top of a loaded config."""
+    changes: dict[str, Any] = {}
+    if port is not None:
+        changes["port"] = _port(port, "--port")
+    if ae_title is not None:
+        changes["ae_title"] = _ae_title(ae_title, "--ae-title")
+    if state_dir is not None:
+        changes["state_dir"] = state_dir
+    if bind_address is not None:
+        changes["bind_address"] = bind_address
+    if destinations:
+        changes["destinations"] = cfg.destinations + tuple(parse_destination(d) for d in destinations)
+    return replace(cfg, **changes)

@@ -1,0 +1,78 @@
+"""Pure data passed between stages: no I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SeriesState(str, enum.Enum):
+    RECEIVING = "receiving"  # instances still arriving (or not yet quiet)
+    DISPATCHED = "dispatched"  # stable; jobs created for the bundles that apply
+    IGNORED = "ignored"  # stable; no bundle applies (recorded with the reason)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # results written and queued in the outbox
+    FAILED = "failed"  # ended with a recorded reason
+
+
+class OutboxState(str, enum.Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"  # gave up after max attempts or a permanent refusal
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the receiver learns from one instance's header."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    series_uid: str
+    study_uid: str
+    modality: str
+    sop_class_uid: str
+    instance_count: int
+    first_received: float
+    last_received: float
+    state: SeriesState
+    note: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    series_uid: str
+    bundle: str
+    state: JobState
+    attempts: int
+    created: float
+    updated: float
+    error: str
+    result_dir: str
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    job_id: int
+    destination: str
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    state: OutboxState
+    attempts: int
+    next_attempt_at: float
+    last_status: str

@@ -1,0 +1,44 @@
+"""The node's error hierarchy.
+
+Every error carries a sentence that names the bad value. ``Retryable`` errors may succeed when
+tried again later (a destination that is down); ``Permanent`` ones will not (a series that cannot
+form a volume), so a job that hits one ends failed with that sentence as its reason.
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base class of every error the node raises on purpose."""
+
+
+class Retryable(NodeError):
+    """An error that may go away when the same step is tried again later."""
+
+
+class Permanent(NodeError):
+    """An error that trying again will not fix."""
+
+
+class ConfigError(Permanent):
+    """The configuration file or a command-line override is invalid."""
+
+
+class BundleError(Permanent):
+    """A model bundle's manifest or model file is invalid."""
+
+
+class VolumeError(Permanent):
+    """A series cannot be assembled into a volume (geometry, pixel data, transfer syntax)."""
+
+
+class InferenceError(Permanent):
+    """The engine failed on a volume."""
+
+
+class WriteError(Permanent):
+    """A DICOM-SEG or RTSTRUCT could not be built from a result."""
+
+
+class SendError(Retryable):
+    """A destination could not be reached or refused an object."""

@@ -1,0 +1,67 @@
+"""Sliding-window inference with Gaussian-weighted accumulation of overlapping tiles."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from node.infer.engine import Engine
+
+
+def gaussian_weights(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Importance map that favours tile centres (nnU-Net's choice: sigma = patch/8)."""
+    axes = []
+    for n in patch:
+        x = np.arange(n, dtype=np.float32) - (n - 1) / 2
+        sigma = max(n * sigma_scale, 1e-3)
+        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    w /= w.max()
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+def tile_starts(size: int, patch: int, step: int) -> list[int]:
+    """Start offsets covering [0, size) with tiles of ``patch``; the last tile ends at ``size``."""
+    if size <= patch:
+        return [0]
+    starts = list(range(0, size - patch + 1, step))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts
+
+
+def sliding_window(
+    image: np.ndarray,
+    engine: Engine,
+    *,
+    patch: tuple[int, int, int],
+    overlap: float,
+    batch: int,
+    pad_value: float,
+) -> np.ndarray:
+    """Run ``engine`` over a (D, H, W) image; return (K, D, H, W) averaged probabilities."""
+    shape = image.shape
+    padded_shape = tuple(max(s, p) for s, p in zip(shape, patch))
+    if padded_shape != shape:
+        padded = np.full(padded_shape, pad_value, dtype=np.float32)
+        padded[: shape[0], : shape[1], : shape[2]] = image
+        image = padded
+    steps = [max(1, int(round(p * (1 - overlap)))) for p in patch]
+    starts = [tile_starts(s, p, st) for s, p, st in zip(image.shape, patch, steps)]
+    corners = list(itertools.product(*starts))
+    weights = gaussian_weights(patch)
+    acc: np.ndarray | None = None
+    norm = np.zeros(image.shape, dtype=np.float32)
+    for b in range(0, len(corners), batch):
+        group = corners[b : b + batch]
+        tiles = np.stack([image[z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in group])
+        probs = engine.run(tiles[:, None])
+        if acc is None:
+            acc = np.zeros((probs.shape[1], *image.shape), dtype=np.float32)
+        for (z, y, x), p in zip(group, probs):
+            acc[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] += p * weights
+            norm[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += weights
+    assert acc is not None
+    acc /= norm
+    return acc[:, : shape[0], : shape[1], : shape[2]]

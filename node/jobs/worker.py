@@ -1,0 +1,170 @@
+"""Worker processes: claim a queued job, run the pipeline, record the outcome.
+
+Segmentation runs here, in separate processes, so the receiver's association threads never wait
+behind it. Each worker opens its own index connection; the parent supervises (``WorkerPool``),
+restarts a worker that dies and returns its running job to the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from node.config import NodeConfig
+from node.errors import NodeError
+from node.infer.bundle import Bundle, discover_bundles
+from node.infer.engine import Engine
+from node.infer.onnxrt import OnnxRuntimeEngine
+from node.jobs.pipeline import run_job
+from node.spool.index import Index
+from node.write.provenance import Provenance
+
+log = logging.getLogger(__name__)
+
+#: A job that has crashed its worker this many times ends failed instead of being retried.
+MAX_JOB_ATTEMPTS = 3
+
+
+def make_engine(bundle: Bundle, cfg: NodeConfig) -> Engine:
+    """The engine for a bundle under the configured backend (CPU: ONNX Runtime)."""
+    return OnnxRuntimeEngine(
+        bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name, threads=cfg.engine_threads
+    )
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    cfg: NodeConfig
+    name: str
+    log_level: int
+
+
+def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type: ignore[name-defined]
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s {spec.name} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    cfg = spec.cfg
+    index = Index(cfg.index_path)
+    bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
+    engines: dict[str, Engine] = {}
+    destinations = [d.name for d in cfg.destinations]
+    while not stop.is_set():
+        job = index.claim_job(spec.name)
+        if job is None:
+            stop.wait(0.2)
+            continue
+        bundle = bundles.get(job.bundle)
+        if bundle is None:
+            index.fail_job(job.id, f"bundle {job.bundle} is not installed in {cfg.bundles_dir}")
+            continue
+        started = time.time()
+        log.info("job %d: %s on series %s (attempt %d)", job.id, bundle.id, job.series_uid, job.attempts)
+        try:
+            engine = engines.get(bundle.id) or engines.setdefault(bundle.id, make_engine(bundle, cfg))
+            paths = index.instance_paths(job.series_uid)
+            outcome = run_job(
+                paths,
+                bundle,
+                engine,
+                cfg.results_dir / f"job-{job.id:08d}",
+                provenance=Provenance.now(cfg.ae_title),
+                write_seg=cfg.write_seg,
+                write_rtstruct=cfg.write_rtstruct,
+            )
+        except NodeError as exc:
+            log.error("job %d failed: %s", job.id, exc)
+            index.fail_job(job.id, str(exc))
+            continue
+        except Exception as exc:  # a bug or a library failure: record it, keep the worker alive
+            log.exception("job %d failed unexpectedly", job.id)
+            index.fail_job(job.id, f"unexpected {type(exc).__name__}: {exc}")
+            continue
+        timings = dict(outcome.timings, total=round(time.time() - started, 3))
+        index.finish_job(
+            job.id,
+            result_dir=str(outcome.objects[0].path.parent) if outcome.objects else "",
+            timings=json.dumps(timings),
+            outbox=[(dest, o.path, o.sop_instance_uid, o.sop_class_uid) for dest in destinations for o in outcome.objects],
+        )
+        log.info(
+            "job %d done: %s → %s in %.1f s %s",
+            job.id,
+            ", ".join(outcome.structures),
+            ", ".join(o.kind for o in outcome.objects),
+            timings["total"],
+            timings,
+        )
+    index.close()
+
+
+class WorkerPool:
+    """Starts ``cfg.workers`` worker processes and keeps them running."""
+
+    def __init__(self, cfg: NodeConfig, index: Index) -> None:
+        self.cfg = cfg
+        self.index = index
+        self._ctx = mp.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._procs: dict[str, BaseProcess] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for n in range(self.cfg.workers):
+            self._spawn(f"worker-{n}")
+
+    def _spawn(self, name: str) -> None:
+        spec = WorkerSpec(cfg=self.cfg, name=f"{name}-{os.getpid()}", log_level=logging.getLogger().level)
+        proc = self._ctx.Process(target=_worker_main, args=(spec, self._stop), name=name, daemon=False)
+        proc.start()
+        self._procs[name] = proc
+
+    def supervise(self) -> None:
+        """Restart dead workers; their running jobs go back to the queue (or fail after retries)."""
+        if self._stop.is_set():
+            return
+        with self._lock:
+            for name, proc in list(self._procs.items()):
+                if proc.is_alive():
+                    continue
+                reason = f"worker {name} died (exit code {proc.exitcode}) while running this job"
+                requeued = self.index.requeue_running(
+                    worker=f"{name}-{os.getpid()}", max_attempts=MAX_JOB_ATTEMPTS, reason=reason
+                )
+                log.error("%s; restarting it (jobs returned to the queue: %s)", reason, requeued or "none")
+                self._spawn(name)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask workers to finish their current job; terminate the ones that do not in time."""
+        self._stop.set()
+        deadline = time.time() + timeout
+        for proc in self._procs.values():
+            proc.join(max(0.0, deadline - time.time()))
+        for name, proc in self._procs.items():
+            if proc.is_alive():
+                log.warning("worker %s did not finish in %.0f s; terminating it (its job is requeued at start)", name, timeout)
+                proc.terminate()
+                proc.join(5)
+                if proc.is_alive():
+                    proc.kill()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values() if p.pid is not None]
+
+
+def requeue_after_crash(index: Index) -> list[int]:
+    """At service start no worker runs yet: every 'running' job was abandoned by a crash."""
+    return index.requeue_running(max_attempts=MAX_JOB_ATTEMPTS, reason="the service stopped while this job ran")
+
+
+def job_result_dir(cfg: NodeConfig, job_id: int) -> Path:
+    return cfg.results_dir / f"job-{job_id:08d}"

@@ -1,0 +1,98 @@
+"""The composition root: builds every stage from one config and runs them until told to stop.
+
+Threads in this process: the receiver (pynetdicom's association threads) and one loop that
+settles series, supervises workers and sends the outbox. Worker processes run the segmentation.
+SIGTERM/SIGINT: stop accepting associations, let workers finish their current job (or abandon it
+to the queue after a timeout), and exit; everything acknowledged is already durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from node.assemble.stable import Assembler
+from node.config import NodeConfig
+from node.dicom.scp import Receiver
+from node.infer.bundle import discover_bundles
+from node.jobs.worker import WorkerPool, requeue_after_crash
+from node.send.outbox import Sender
+from node.service.sdnotify import notify, watchdog_interval_s
+from node.spool.index import Index
+from node.spool.store import Spool
+
+log = logging.getLogger(__name__)
+
+LOOP_INTERVAL_S = 0.25
+
+
+class Service:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(cfg.spool_dir)
+        self.index = Index(cfg.index_path)
+        self.bundles = discover_bundles(cfg.bundles_dir, cfg.bundles)
+        self.receiver = Receiver(cfg, self.spool, self.index)
+        self.assembler = Assembler(self.index, self.bundles)
+        self.sender = Sender(cfg, self.index)
+        self.workers = WorkerPool(cfg, self.index)
+
+    def _recover(self) -> None:
+        removed = self.spool.clean_tmp()
+        requeued = requeue_after_crash(self.index)
+        if removed or requeued:
+            log.warning("recovered after an unclean stop: %d partial file(s) removed, job(s) %s requeued",
+                        removed, requeued or "none")
+
+    def run(self) -> None:
+        self._recover()
+        self.workers.start()
+        self.receiver.start()
+        log.info("node %s ready: state in %s, bundles %s, destinations %s", self.cfg.ae_title, self.cfg.state_dir,
+                 ", ".join(b.id for b in self.bundles), ", ".join(map(str, self.cfg.destinations)) or "none")
+        notify("READY=1\nSTATUS=receiving")
+        watchdog = watchdog_interval_s()
+        last_ping = 0.0
+        try:
+            while not self.stop_event.is_set():
+                self.step()
+                if watchdog is not None and time.monotonic() - last_ping >= watchdog:
+                    notify("WATCHDOG=1")
+                    last_ping = time.monotonic()
+                self.stop_event.wait(LOOP_INTERVAL_S)
+        finally:
+            self.shutdown()
+
+    def step(self) -> None:
+        """One turn of the service loop; exceptions are logged, never allowed to end the loop."""
+        for name, action in (("assemble", self.assembler.poll), ("supervise", self.workers.supervise),
+                             ("send", self.sender.poll)):
+            try:
+                action()
+            except Exception:
+                log.exception("%s step failed; will try again", name)
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping (signal %s)", signum)
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        notify("STOPPING=1")
+        self.receiver.stop()
+        self.workers.stop()
+        self.index.close()
+        log.info("stopped")
+
+
+def serve(cfg: NodeConfig) -> int:
+    service = Service(cfg)
+    signal.signal(signal.SIGTERM, service.request_stop)
+    signal.signal(signal.SIGINT, service.request_stop)
+    service.run()
+    return 0

@@ -1,0 +1,92 @@
+"""DICOM-SEG (BINARY) with highdicom: one object per job holding every structure found.
+
+Empty frames are kept (``omit_empty_frames=False``): each source slice has its frame in every
+segment, so viewers that index frames by source slice (OHIF has shifted overlays when frames were
+omitted) place the overlay on the right slice. The cost is size, which bit-packing keeps small
+(a 512×512 frame is 32 KiB).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+
+from node.assemble.volume import Volume
+from node.errors import WriteError
+from node.infer.bundle import Bundle, Code, Label
+from node.write.provenance import MANUFACTURER, Provenance
+from node.write.uids import ResultUids
+
+SEG_SERIES_NUMBER = 9901
+
+
+def _concept(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def present_labels(labels: np.ndarray, bundle: Bundle) -> list[Label]:
+    """The bundle's labels that occur in ``labels``, in manifest order."""
+    counts = np.bincount(labels.ravel(), minlength=max(label.value for label in bundle.labels) + 1)
+    return [label for label in bundle.labels if counts[label.value] > 0]
+
+
+def build_seg(
+    volume: Volume,
+    labels: np.ndarray,
+    bundle: Bundle,
+    found: list[Label],
+    uids: ResultUids,
+    provenance: Provenance,
+) -> Dataset:
+    """Build the SEG for ``labels`` (same shape and slice order as ``volume``)."""
+    if labels.shape != volume.voxels.shape:
+        raise WriteError(f"label volume shape {labels.shape} differs from the image volume {volume.voxels.shape}")
+    if not found:
+        raise WriteError("no structure was found, so there is nothing to write")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=bundle.algorithm_name, family=_concept(bundle.algorithm_family), version=bundle.version
+    )
+    descriptions = []
+    segment_map = np.zeros(256, dtype=np.uint8)
+    for number, label in enumerate(found, start=1):
+        segment_map[label.value] = number
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=label.name,
+                segmented_property_category=_concept(label.category),
+                segmented_property_type=_concept(label.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=hd.UID(),
+                tracking_id=label.name,
+                display_color=hd.color.CIELabColor.from_rgb(*label.color_rgb),
+            )
+        )
+    segments = segment_map[labels]
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=volume.headers,
+            pixel_array=segments,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=uids.seg_series,
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=uids.seg_instance,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=bundle.name,
+            software_versions=(f"{provenance.software_version} {bundle.name} {bundle.version}",),
+            device_serial_number=provenance.device_serial_number,
+            content_description=f"{bundle.algorithm_name} segmentation",
+            content_label="AUTOSEG",
+            series_description=f"AI SEG {bundle.name}",
+            omit_empty_frames=False,
+            content_date=provenance.created.date(),
+            content_time=provenance.created.time(),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise WriteError(f"highdicom could not build the SEG: {exc}") from exc
+    seg.StationName = provenance.station_name
+    return seg
