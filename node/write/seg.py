@@ -77,7 +77,7 @@ def build_seg(
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=bundle.name,
-            software_versions=(f"{provenance.software_version} {bundle.name} {bundle.version}",),
+            software_versions=f"{provenance.software_version} {bundle.name} {bundle.version}",
             device_serial_number=provenance.device_serial_number,
             content_description=f"{bundle.algorithm_name} segmentation",
             content_label="AUTOSEG",

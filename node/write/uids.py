@@ -10,7 +10,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydicom.uid import generate_uid
+import uuid
+
+#: Namespace of this node's name-based UIDs (a fixed random UUID; never change it).
+_NAMESPACE = uuid.UUID("6c1f2a0e-8d4b-4f1e-9a43-3f0c6d2b7e51")
 
 
 def job_key(series_uid: str, bundle_id: str, sop_instance_uids: Sequence[str]) -> str:
@@ -29,7 +32,9 @@ class ResultUids:
     @classmethod
     def for_job(cls, key: str) -> ResultUids:
         def uid(role: str) -> str:
-            return str(generate_uid(prefix=None, entropy_srcs=[key, role]))
+            # A name-based (version 5) UUID as a 2.25 UID: deterministic, and a valid UUID integer.
+            # (pydicom's generate_uid ignores entropy_srcs when prefix is None.)
+            return f"2.25.{uuid.uuid5(_NAMESPACE, f'{key}|{role}').int}"
 
         return cls(
             seg_series=uid("seg-series"),

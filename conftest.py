@@ -1,0 +1,1 @@
+# Present so that pytest puts the repository root on sys.path: tests import `tests.harness.*`.

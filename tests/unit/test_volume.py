@@ -1,0 +1,111 @@
+"""Series → volume: geometry from the headers, decoders for real transfer syntaxes, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from node.assemble.volume import build_volume, read_series
+from node.errors import VolumeError
+from tests.harness.synthetic_ct import phantom_hu, write_ct_series
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+TS = SHARED / "transfer-syntaxes"
+
+
+def test_slices_sorted_by_geometry_not_file_order(tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path, slices=12, rows=64, columns=64, pixel_spacing=(4.0, 4.0), noise_hu=0)
+    volume = build_volume(read_series(series.files))
+    assert volume.sop_instance_uids == series.sop_instance_uids
+    assert volume.geometry.spacing == pytest.approx((2.5, 4.0, 4.0))
+    # Voxel values equal the analytic phantom at each voxel's patient position.
+    k, i, j = np.meshgrid(np.arange(12), np.arange(64), np.arange(64), indexing="ij")
+    points = volume.geometry.to_patient(np.stack([k, i, j], axis=-1))
+    assert np.abs(volume.voxels - np.round(phantom_hu(points))).max() <= 1.0
+
+
+def test_tilted_series_geometry(tmp_path: Path) -> None:
+    a = np.deg2rad(17)
+    series = write_ct_series(tmp_path, slices=8, rows=64, columns=64, pixel_spacing=(4.0, 4.0),
+                             orientation=(1, 0, 0, 0, np.cos(a), -np.sin(a)), noise_hu=0)
+    volume = build_volume(read_series(series.files))
+    assert volume.sop_instance_uids == series.sop_instance_uids
+    assert np.allclose(volume.geometry.normal, series.normal, atol=1e-6)
+    points = volume.geometry.to_patient(np.array([[k, 32, 32] for k in range(8)]))
+    assert np.allclose(points[0], volume.headers[0].ImagePositionPatient + 32 * 4.0 * np.array(series.row_direction)
+                       + 32 * 4.0 * np.array(series.column_direction), atol=1e-3)
+    k, i, j = np.meshgrid(np.arange(8), np.arange(64), np.arange(64), indexing="ij")
+    grid = volume.geometry.to_patient(np.stack([k, i, j], axis=-1))
+    assert np.abs(volume.voxels - np.round(phantom_hu(grid))).max() <= 1.0
+
+
+def _series(tmp_path: Path, n: int = 6):
+    s = write_ct_series(tmp_path, slices=n, rows=32, columns=32, pixel_spacing=(8.0, 8.0))
+    return [dcmread(f) for f in s.files_in_slice_order]
+
+
+def test_duplicate_position_is_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    datasets[3].ImagePositionPatient = datasets[2].ImagePositionPatient
+    with pytest.raises(VolumeError, match="share the position"):
+        build_volume(datasets)
+
+
+def test_missing_slice_is_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    del datasets[3]
+    with pytest.raises(VolumeError, match="slices are missing"):
+        build_volume(datasets)
+
+
+def test_mixed_orientation_and_size_are_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    datasets[1].ImageOrientationPatient = [1, 0, 0, 0, 0.9, -0.43589]
+    with pytest.raises(VolumeError, match="mixes orientations"):
+        build_volume(datasets)
+    datasets = _series(tmp_path / "b")
+    datasets[2].Rows = 16
+    with pytest.raises(VolumeError, match="mixes image sizes"):
+        build_volume(datasets)
+
+
+def test_missing_position_is_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    del datasets[0].ImagePositionPatient
+    with pytest.raises(VolumeError, match="no valid ImagePositionPatient"):
+        build_volume(datasets)
+
+
+@pytest.mark.skipif(not TS.is_dir(), reason=f"real transfer-syntax samples not found at {TS}")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CTImage.dcm_LittleEndianImplicitTransferSyntax_1.2.840.10008.1.2.dcm",
+        "CTImage.dcm_BigEndianExplicitTransferSyntax_1.2.840.10008.1.2.2.dcm",
+        "CTImage.dcm_DeflatedExplicitVRLittleEndianTransferSyntax_1.2.840.10008.1.2.1.99.dcm",
+        "CTImage.dcm_RLELosslessTransferSyntax_1.2.840.10008.1.2.5.dcm",
+        "CTImage.dcm_JPEGProcess14SV1TransferSyntax_1.2.840.10008.1.2.4.70.dcm",
+        "CTImage.dcm_JPEGProcess14TransferSyntax_1.2.840.10008.1.2.4.57.dcm",
+        "CTImage.dcm_JPEGLSLosslessTransferSyntax_1.2.840.10008.1.2.4.80.dcm",
+        "CTImage.dcm_JPEG2000LosslessOnlyTransferSyntax_1.2.840.10008.1.2.4.90.dcm",
+    ],
+)
+def test_lossless_transfer_syntaxes_decode_to_the_same_hu(name: str) -> None:
+    reference = build_volume(read_series([TS / "CTImage.dcm_LittleEndianExplicitTransferSyntax_1.2.840.10008.1.2.1.dcm"]))
+    volume = build_volume(read_series([TS / name]))
+    assert np.array_equal(volume.voxels, reference.voxels)
+
+
+@pytest.mark.skipif(not TS.is_dir(), reason=f"real transfer-syntax samples not found at {TS}")
+def test_no_pixel_spacing_is_a_clear_error() -> None:
+    with pytest.raises(VolumeError, match="no valid (ImageOrientationPatient|PixelSpacing)"):
+        build_volume(read_series([TS / "no-pixel-spacing.dcm"]))
+
+
+@pytest.mark.skipif(not TS.is_dir(), reason=f"real transfer-syntax samples not found at {TS}")
+def test_enhanced_multiframe_is_a_clear_error() -> None:
+    with pytest.raises(VolumeError, match="multi-frame"):
+        build_volume(read_series([TS / "eCT_Supplemental.dcm"]))
