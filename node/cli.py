@@ -158,7 +158,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)  # a log or a pipe: no wrapping inside the cells
+    out.print(table)
     return 1 if failed else 0
 
 

@@ -28,14 +28,19 @@ SPACING_TOLERANCE = 0.1
 class Geometry:
     """Voxel (k, i, j) = (slice, row, column) → patient position in mm (LPS).
 
-    position = origin + k*spacing[0]*normal + i*spacing[1]*col_dir + j*spacing[2]*row_dir
+    position = origin + k*slice_step + i*spacing[1]*col_dir + j*spacing[2]*row_dir
     where row_dir is IOP[0:3] (along a row, increasing column index) and col_dir IOP[3:6].
+    ``slice_step`` is the vector from one slice's ImagePositionPatient to the next: along the normal
+    for an ordinary stack, with an in-plane component for gantry-tilted CT, whose image planes are
+    tilted while the table moves along z (a sheared stack). ``spacing[0]`` is the distance between
+    slice planes (along the normal), which is what resampling and voxel volumes use.
     """
 
     origin: np.ndarray
     row_dir: np.ndarray
     col_dir: np.ndarray
     normal: np.ndarray
+    slice_step: np.ndarray
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
 
@@ -44,13 +49,20 @@ class Geometry:
         kij = np.asarray(kij, dtype=np.float64)
         return (
             self.origin
-            + kij[..., 0:1] * self.spacing[0] * self.normal
+            + kij[..., 0:1] * self.slice_step
             + kij[..., 1:2] * self.spacing[1] * self.col_dir
             + kij[..., 2:3] * self.spacing[2] * self.row_dir
         )
 
     def slice_position(self, k: int) -> np.ndarray:
-        return self.origin + k * self.spacing[0] * self.normal
+        """ImagePositionPatient of slice ``k``."""
+        return self.origin + k * self.slice_step
+
+    @property
+    def is_sheared(self) -> bool:
+        """True for gantry-tilted stacks (slices offset within their plane from one to the next)."""
+        lateral = self.slice_step - (self.slice_step @ self.normal) * self.normal
+        return bool(np.linalg.norm(lateral) > 1e-3)
 
 
 @dataclass
@@ -74,8 +86,11 @@ def read_series(paths: Sequence[Path]) -> list[Dataset]:
             ds = dcmread(path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+        # Some real files carry their SOP UIDs only in the file meta (the dataset's are empty).
         if not str(ds.get("SOPInstanceUID", "") or "") and "MediaStorageSOPInstanceUID" in ds.file_meta:
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        if not str(ds.get("SOPClassUID", "") or "") and "MediaStorageSOPClassUID" in ds.file_meta:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
         datasets.append(ds)
     return datasets
 
@@ -149,16 +164,20 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
                 + ("; slices are missing" if steps[k] > median else "")
             )
         slice_spacing = median
-        # In-plane offsets must be consistent with a straight stack (no shear beyond the normal).
-        offsets = positions[order] - positions[order][0]
-        lateral = offsets - np.outer(offsets @ normal, normal)
-        if np.abs(lateral).max() > 0.5 * max(pixel_spacing):
+        # The step from slice to slice must be the same vector throughout. Along the normal for an
+        # ordinary stack; gantry tilt adds a constant in-plane component (a sheared stack).
+        vectors = np.diff(positions[order], axis=0)
+        slice_step = np.median(vectors, axis=0)
+        deviation = np.linalg.norm(vectors - slice_step, axis=1)
+        if deviation.max() > SPACING_TOLERANCE * np.linalg.norm(slice_step) + 1e-3:
+            k = int(np.argmax(deviation))
             raise VolumeError(
-                "slice positions drift within the image plane "
-                f"(up to {np.abs(lateral).max():.2f} mm); the series is not a regular stack"
+                f"slice positions do not form a regular stack: the step from slice {k} to {k + 1} is "
+                f"{np.round(vectors[k], 2).tolist()} mm where the series mostly steps {np.round(slice_step, 2).tolist()} mm"
             )
     else:
         slice_spacing = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+        slice_step = slice_spacing * normal
 
     rows, cols = next(iter(sizes))
     voxels = np.empty((len(ordered), rows, cols), dtype=np.float32)
@@ -188,6 +207,7 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         row_dir=row_dir,
         col_dir=col_dir,
         normal=normal,
+        slice_step=slice_step,
         spacing=(float(slice_spacing), float(pixel_spacing[0]), float(pixel_spacing[1])),
         shape=(len(ordered), rows, cols),
     )

@@ -58,7 +58,7 @@ def _series_and_equipment(ds: Dataset, bundle: Bundle, uids: ResultUids, prov: P
     ds.OperatorsName = ""
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = bundle.name
-    ds.SoftwareVersions = [prov.software_version, bundle.version]
+    ds.SoftwareVersions = f"{prov.software_version} {bundle.name} {bundle.version}"
     ds.StationName = prov.station_name
     ds.DeviceSerialNumber = prov.device_serial_number
 

@@ -109,3 +109,28 @@ def test_no_pixel_spacing_is_a_clear_error() -> None:
 def test_enhanced_multiframe_is_a_clear_error() -> None:
     with pytest.raises(VolumeError, match="multi-frame"):
         build_volume(read_series([TS / "eCT_Supplemental.dcm"]))
+
+
+def test_gantry_tilt_sheared_stack_keeps_each_slice_position(tmp_path: Path) -> None:
+    """Gantry tilt: image planes tilted, table steps along z; each slice keeps its own position."""
+    a = np.deg2rad(17)
+    s = write_ct_series(tmp_path, slices=6, rows=32, columns=32, pixel_spacing=(8.0, 8.0),
+                        orientation=(1, 0, 0, 0, np.cos(a), -np.sin(a)))
+    datasets = [dcmread(f) for f in s.files_in_slice_order]
+    ipp0 = np.array([float(v) for v in datasets[0].ImagePositionPatient])
+    for k, ds in enumerate(datasets):
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp0 + [0, 0, 3.0 * k]]
+    volume = build_volume(list(reversed(datasets)))
+    g = volume.geometry
+    assert g.is_sheared
+    assert g.spacing[0] == pytest.approx(3.0 * np.cos(a), abs=1e-3)  # distance between the tilted planes
+    for k, ds in enumerate(datasets):
+        assert np.allclose(g.slice_position(k), [float(v) for v in ds.ImagePositionPatient], atol=1e-3)
+
+
+def test_irregular_stack_is_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    ipp = [float(v) for v in datasets[3].ImagePositionPatient]
+    datasets[3].ImagePositionPatient = [ipp[0] + 20.0, ipp[1], ipp[2]]
+    with pytest.raises(VolumeError, match="do not form a regular stack"):
+        build_volume(datasets)
