@@ -73,15 +73,21 @@ def _spawn(cmd: Sequence[str], *, log_path: Path, env: dict[str, str] | None = N
 
 
 def _stop(proc: subprocess.Popen[bytes], *, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group, SIGKILL it after ``grace_s``; reap the leader."""
+    """SIGTERM the leader, SIGKILL its whole process group after ``grace_s``; reap the leader.
+
+    Like systemd's ``KillMode=mixed``: only the leader gets SIGTERM. (SIGTERM to the whole group
+    can deadlock the node's worker: its SIGTERM handler sets the multiprocessing Event it is
+    waiting on, and the service then blocks setting that Event.)
+    """
     try:
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:
         pgid = None
     if pgid is not None and proc.poll() is None:
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for kill, wait_s in ((lambda: os.kill(proc.pid, signal.SIGTERM), grace_s),
+                             (lambda: os.killpg(pgid, signal.SIGKILL), 5.0)):
             try:
-                os.killpg(pgid, sig)
+                kill()
             except ProcessLookupError:
                 break
             try:
