@@ -35,7 +35,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -121,12 +120,24 @@ def _dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+def _listening(port: int) -> bool:
+    """Whether some socket LISTENs on TCP ``port`` (from /proc/net/tcp*, no connection made).
+
+    A connect-and-close probe would leave the node an association thread that waits out its
+    ACSE timeout (30 s) during the measurement.
+    """
+    want = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh, None)
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[1].endswith(want) and fields[3] == "0A":
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def _wait_port(proc: subprocess.Popen[bytes], port: int, timeout_s: float, log_path: Path) -> None:
@@ -134,7 +145,7 @@ def _wait_port(proc: subprocess.Popen[bytes], port: int, timeout_s: float, log_p
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited ({proc.returncode}):\n{_tail(log_path)}")
-        if _port_open(port):
+        if _listening(port):
             return
         time.sleep(0.05)
     raise RuntimeError(f"port {port} not open after {timeout_s} s:\n{_tail(log_path)}")

@@ -27,7 +27,7 @@ class NodeProcess:
         destinations: list[str] | None = None,
         quiet_period_s: float = 5.0,
         release_settle_s: float = 1.0,
-        extra_toml: str = "",
+        extra_toml: str = "",  # appended after the [send] table: [send] keys, or further tables
         port: int | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
