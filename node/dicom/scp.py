@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
+from node.dicom.filemeta import encode_file_meta
 from node.dicom.net import set_tcp_nodelay
 from node.dicom.status import Status
 from node.domain import InstanceMeta
@@ -169,12 +170,14 @@ class Receiver:
             log.error("C-STORE from %s refused: the request has no Affected SOP Instance UID", calling)
             return Status.DATASET_MISMATCH
         try:
-            encoded = event.encoded_dataset(include_meta=True)
+            transfer_syntax = str(event.context.transfer_syntax)
+            dataset = event.encoded_dataset(include_meta=False)
+            header = encode_file_meta(sop_class, sop_uid, transfer_syntax, calling)
             meta = read_instance_meta(
-                encoded,
+                header + dataset,
                 sop_instance_uid=sop_uid,
                 sop_class_uid=sop_class,
-                transfer_syntax=str(event.context.transfer_syntax),
+                transfer_syntax=transfer_syntax,
             )
         except DatasetMismatch as exc:
             log.error("C-STORE from %s refused (0x%04X): %s", calling, Status.DATASET_MISMATCH, exc)
@@ -186,7 +189,7 @@ class Receiver:
             log.info("C-STORE from %s: SOP Instance %s already stored; kept the first copy", calling, sop_uid)
             return Status.SUCCESS
         try:
-            path, size = self.spool.store(sop_uid, [encoded])
+            path, size = self.spool.store(sop_uid, [header, dataset])
             self.index.add_instance(
                 meta, path=path, size=size, calling_ae=calling, quiet_period_s=self.cfg.quiet_period_s
             )

@@ -52,13 +52,16 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM (for example a signal to the whole process group) only raises a flag: setting the
+    # multiprocessing Event from a signal handler can deadlock on the lock that stop.wait() holds.
+    terminating: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
     cfg = spec.cfg
     index = Index(cfg.index_path)
     bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
     engines: dict[str, Engine] = {}
     destinations = [d.name for d in cfg.destinations]
-    while not stop.is_set():
+    while not stop.is_set() and not terminating:
         job = index.claim_job(spec.name)
         if job is None:
             stop.wait(0.2)

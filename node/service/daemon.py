@@ -8,11 +8,15 @@ to the queue after a timeout), and exit; everything acknowledged is already dura
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from node.assemble.stable import Assembler
 from node.config import NodeConfig
@@ -21,7 +25,9 @@ from node.infer.bundle import discover_bundles
 from node.jobs.worker import WorkerPool, requeue_after_crash
 from node.send.outbox import Sender
 from node.service.sdnotify import notify, watchdog_interval_s
+from node.errors import ConfigError
 from node.spool.index import Index
+from node.spool.recover import reconcile
 from node.spool.store import Spool
 
 log = logging.getLogger(__name__)
@@ -29,11 +35,36 @@ log = logging.getLogger(__name__)
 LOOP_INTERVAL_S = 0.25
 
 
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the state directory for the life of the service.
+
+    Two services on one state directory would remove each other's partial files and claim each
+    other's jobs; the second one refuses to start instead.
+    """
+    handle = (state_dir / "node.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(
+            f"state directory {state_dir} is in use by another running node (pid {owner}); "
+            "stop it or give this one another --state-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 class Service:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self.stop_event = threading.Event()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = lock_state_dir(cfg.state_dir)
         self.spool = Spool(cfg.spool_dir)
         self.index = Index(cfg.index_path)
         self.bundles = discover_bundles(cfg.bundles_dir, cfg.bundles)
@@ -44,6 +75,7 @@ class Service:
 
     def _recover(self) -> None:
         removed = self.spool.clean_tmp()
+        reconcile(self.spool, self.index, quiet_period_s=self.cfg.quiet_period_s)
         requeued = requeue_after_crash(self.index)
         if removed or requeued:
             log.warning("recovered after an unclean stop: %d partial file(s) removed, job(s) %s requeued",

@@ -92,8 +92,12 @@ class Index:
         self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the C-STORE response goes out, power loss included.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode: a commit survives a crash of this process (kill -9) but the last few
+        # may roll back on power loss. The spool file itself is fsynced (file and directory) before
+        # Success is answered, and the service reconciles the index with the spool at start
+        # (``node.spool.recover``), so an acknowledged instance is never lost; it saves one fsync
+        # (about 4 ms here) on every received instance.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
 
@@ -172,6 +176,9 @@ class Index:
                 ),
             )
         return True
+
+    def all_instance_paths(self) -> set[str]:
+        return {r["path"] for r in self._query("SELECT path FROM instances")}
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         rows = self._query("SELECT path FROM instances WHERE series_uid=? ORDER BY received_at", (series_uid,))

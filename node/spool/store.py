@@ -29,7 +29,8 @@ def durable_write(path: Path, chunks: list[bytes] | bytes, *, tmp_dir: Path) -> 
     Returns the number of bytes written.
     """
     parts = [chunks] if isinstance(chunks, bytes) else chunks
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     size = 0
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -58,8 +59,9 @@ class Spool:
         self.root = root
         self.instances = root / "instances"
         self.tmp = root / "tmp"
-        self.instances.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        for n in range(256):  # created once, so the receive path never has to mkdir
+            (self.instances / f"{n:02x}").mkdir(parents=True, exist_ok=True)
 
     def path_for(self, sop_instance_uid: str) -> Path:
         digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
@@ -70,6 +72,10 @@ class Spool:
         path = self.path_for(sop_instance_uid)
         size = durable_write(path, chunks, tmp_dir=self.tmp)
         return path, size
+
+    def all_files(self) -> list[Path]:
+        """Every instance file in the spool (for reconciling the index after a crash)."""
+        return [p for d in sorted(self.instances.iterdir()) if d.is_dir() for p in d.glob("*.dcm")]
 
     def clean_tmp(self) -> int:
         """Remove partial files left by a crash; return how many were removed."""
