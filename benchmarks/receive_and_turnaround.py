@@ -533,7 +533,7 @@ def render(result: dict[str, Any]) -> str:
                f"{reps} repeat(s) each (images/s = slices / storescu wall time)")
     header = ["target", "median img/s", "best img/s", "median wall s", "runs img/s"]
     rows = []
-    for key, label in (("storescp", "DCMTK storescp (no fsync)"), ("node", "node (fsync + SQLite FULL)")):
+    for key, label in (("storescp", "DCMTK storescp (no fsync)"), ("node", "node (fsync file+dir, WAL)")):
         r = rcv[key]
         rows.append([label, f"{r['median_images_per_s']:.1f}", f"{r['best_images_per_s']:.1f}",
                      f"{r['median_wall_s']:.2f}", " ".join(f"{v:.1f}" for v in r["images_per_s"])])
