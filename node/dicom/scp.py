@@ -22,7 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
 from node.dicom.filemeta import encode_file_meta
-from node.dicom.net import set_tcp_nodelay, shorten_reactor_sleeps
+from node.dicom.net import set_tcp_nodelay
 from node.dicom.status import Status
 from node.domain import InstanceMeta
 from node.spool.index import Index
@@ -116,7 +116,6 @@ class Receiver:
         return ae
 
     def start(self) -> None:
-        shorten_reactor_sleeps()
         ae = self._make_ae()
         handlers = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),

@@ -68,7 +68,7 @@ def _why_not(assoc: object) -> str:
     if getattr(assoc, "is_rejected", False):
         return "the association was rejected (check the called AE title and the peer's allow-list)"
     if getattr(assoc, "is_aborted", False):
-        return "the association was aborted by the peer"
+        return "the association was aborted (by the peer, or because it did not answer in time)"
     return "no connection (is the peer running and the port right?)"
 
 
