@@ -79,6 +79,18 @@ def test_watchdog_and_stop_timeouts_fit_the_service() -> None:
     assert _seconds(service["RestartSec"]) == 5
 
 
+def test_configuration_errors_are_not_restarted(tmp_path: Path) -> None:
+    """RestartPreventExitStatus=2 relies on the CLI exiting 2 on a configuration error."""
+    assert _unit()["Service"]["RestartPreventExitStatus"].split() == ["2"]
+    out = subprocess.run(
+        [sys.executable, "-m", "node", "serve", "-c", str(tmp_path / "missing.toml"),
+         "--state-dir", str(tmp_path / "state"), "--port", "11112", "--bind", "127.0.0.1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "does not exist" in out.stderr
+
+
 def test_execstart_is_a_serve_command_the_cli_accepts() -> None:
     service = _unit()["Service"]
     argv = shlex.split(service["ExecStart"])
