@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from node import __version__
 from node.config import NodeConfig, load_config, parse_destination, with_overrides
-from node.errors import NodeError
+from node.errors import NodeError, Retryable
 
 log = logging.getLogger("node")
 
@@ -293,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except NodeError as exc:
+    except Retryable as exc:  # may clear by itself (a port still held): let systemd restart us
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except NodeError as exc:  # configuration or bundle errors: restarting will not help
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

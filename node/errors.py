@@ -42,3 +42,7 @@ class WriteError(Permanent):
 
 class SendError(Retryable):
     """A destination could not be reached or refused an object."""
+
+
+class ListenError(Retryable):
+    """The listening port cannot be bound (often still held by a previous instance)."""

@@ -25,6 +25,7 @@ from node.dicom.filemeta import encode_file_meta
 from node.dicom.net import set_tcp_nodelay
 from node.dicom.status import Status
 from node.domain import InstanceMeta
+from node.errors import ListenError
 from node.spool.index import Index
 from node.spool.store import Spool
 
@@ -125,9 +126,15 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
         ]
-        self._server = ae.start_server(
-            (self.cfg.bind_address, self.cfg.port), block=False, evt_handlers=handlers  # type: ignore[arg-type]
-        )
+        try:
+            self._server = ae.start_server(
+                (self.cfg.bind_address, self.cfg.port), block=False, evt_handlers=handlers  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {self.cfg.bind_address}:{self.cfg.port}: {exc.strerror or exc} "
+                "(is another node or PACS using the port?)"
+            ) from exc
         log.info(
             "listening as %s on %s:%d (calling AEs: %s)",
             self.cfg.ae_title,

@@ -149,6 +149,8 @@ class WorkerPool:
     def stop(self, timeout: float = 30.0) -> None:
         """Ask workers to finish their current job; terminate the ones that do not in time."""
         self._stop.set()
+        if not self._procs:
+            return
         deadline = time.time() + timeout
         for proc in self._procs.values():
             proc.join(max(0.0, deadline - time.time()))

@@ -83,14 +83,17 @@ class Service:
 
     def run(self) -> None:
         self._recover()
-        self.workers.start()
-        self.receiver.start()
-        log.info("node %s ready: state in %s, bundles %s, destinations %s", self.cfg.ae_title, self.cfg.state_dir,
-                 ", ".join(b.id for b in self.bundles), ", ".join(map(str, self.cfg.destinations)) or "none")
-        notify("READY=1\nSTATUS=receiving")
-        watchdog = watchdog_interval_s()
-        last_ping = 0.0
+        sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         try:
+            self.receiver.start()  # first: a port in use fails here, before any worker exists
+            self.workers.start()
+            sender.start()
+            log.info("node %s ready: state in %s, bundles %s, destinations %s", self.cfg.ae_title,
+                     self.cfg.state_dir, ", ".join(b.id for b in self.bundles),
+                     ", ".join(map(str, self.cfg.destinations)) or "none")
+            notify("READY=1\nSTATUS=receiving")
+            watchdog = watchdog_interval_s()
+            last_ping = 0.0
             while not self.stop_event.is_set():
                 self.step()
                 if watchdog is not None and time.monotonic() - last_ping >= watchdog:
@@ -98,25 +101,41 @@ class Service:
                     last_ping = time.monotonic()
                 self.stop_event.wait(LOOP_INTERVAL_S)
         finally:
-            self.shutdown()
+            self.shutdown(sender)
 
     def step(self) -> None:
-        """One turn of the service loop; exceptions are logged, never allowed to end the loop."""
-        for name, action in (("assemble", self.assembler.poll), ("supervise", self.workers.supervise),
-                             ("send", self.sender.poll)):
+        """One turn of the main loop; exceptions are logged, never allowed to end the loop.
+
+        Sending runs on its own thread (``_send_loop``): a destination that accepts a connection
+        and never answers holds that thread for up to ``send.timeout_s``, and must not hold up
+        settling series, supervising workers or the systemd watchdog.
+        """
+        for name, action in (("assemble", self.assembler.poll), ("supervise", self.workers.supervise)):
             try:
                 action()
             except Exception:
                 log.exception("%s step failed; will try again", name)
+
+    def _send_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.sender.poll()
+            except Exception:
+                log.exception("send step failed; will try again")
+            self.stop_event.wait(LOOP_INTERVAL_S)
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if not self.stop_event.is_set():
             log.info("stopping (signal %s)", signum)
         self.stop_event.set()
 
-    def shutdown(self) -> None:
+    def shutdown(self, sender: threading.Thread) -> None:
+        """Stop in dependency order; copes with stages that never started."""
         notify("STOPPING=1")
+        self.stop_event.set()
         self.receiver.stop()
+        if sender.is_alive():
+            sender.join(self.cfg.send_timeout_s + 5)
         self.workers.stop()
         self.index.close()
         log.info("stopped")
