@@ -19,6 +19,7 @@ from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Label
 from node.write.contours import mask_contours
+from node.write.checks import require_result
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.uids import ResultUids
 
@@ -164,10 +165,7 @@ def build_rtstruct(
     provenance: Provenance,
 ) -> Dataset:
     """Build the RT Structure Set for ``labels`` on ``volume``'s images."""
-    if labels.shape != volume.voxels.shape:
-        raise WriteError(f"label volume shape {labels.shape} differs from the image volume {volume.voxels.shape}")
-    if not found:
-        raise WriteError("no structure was found, so there is nothing to write")
+    require_result(volume, labels, found)
     source = volume.headers[0]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()

@@ -15,6 +15,7 @@ from pydicom import Dataset
 from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Code, Label
+from node.write.checks import require_result
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.uids import ResultUids
 
@@ -40,10 +41,7 @@ def build_seg(
     provenance: Provenance,
 ) -> Dataset:
     """Build the SEG for ``labels`` (same shape and slice order as ``volume``)."""
-    if labels.shape != volume.voxels.shape:
-        raise WriteError(f"label volume shape {labels.shape} differs from the image volume {volume.voxels.shape}")
-    if not found:
-        raise WriteError("no structure was found, so there is nothing to write")
+    require_result(volume, labels, found)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=bundle.algorithm_name, family=_concept(bundle.algorithm_family), version=bundle.version
     )
