@@ -201,7 +201,7 @@ def _drive(run: E2E) -> None:
     # 4. results come back into the same study
     def results_arrived() -> bool:
         if not _alive(node):
-            raise AssertionError(f"the node exited with status {node.proc.returncode} while working")  # type: ignore[union-attr]
+            raise AssertionError(f"the node exited with status {node.proc and node.proc.returncode} while working")
         modalities = {
             s["MainDicomTags"].get("Modality") for s in orthanc.get(f"/studies/{study_id}/series?expand")
         }
