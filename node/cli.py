@@ -141,7 +141,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 engine = engines.get(bundle.id) or engines.setdefault(bundle.id, make_engine(bundle, cfg))
                 out_dir = out_root / _series_dir(s.series_uid) / bundle.name
                 outcome = run_job(s.paths, bundle, engine, out_dir, provenance=Provenance.now(cfg.ae_title),
-                                  write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct)
+                                  write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct,
+                                  preview_png=args.preview or cfg.preview_png, preview_sc=cfg.preview_sc)
                 result = "ok: " + ", ".join(str(o.path) for o in outcome.objects)
                 structures = ", ".join(outcome.structures)
             except NodeError as exc:
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="where results are written")
     p.add_argument("--bundle", action="append", metavar="NAME", help="only this bundle (repeatable)")
+    p.add_argument("--preview", action="store_true",
+                   help="also write preview.png: axial, coronal and sagittal slices with the contours and a legend")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer", description="Verify a peer with C-ECHO.")

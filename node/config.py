@@ -57,6 +57,8 @@ class NodeConfig:
     send_timeout_s: float = 30.0
     write_seg: bool = True
     write_rtstruct: bool = True
+    preview_png: bool = False
+    preview_sc: bool = False
     source: str = "(embedded defaults)"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +191,8 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         send_timeout_s=send.positive("timeout_s", defaults.send_timeout_s),
         write_seg=output.get("seg", bool, defaults.write_seg),
         write_rtstruct=output.get("rtstruct", bool, defaults.write_rtstruct),
+        preview_png=output.get("preview_png", bool, defaults.preview_png),
+        preview_sc=output.get("preview_sc", bool, defaults.preview_sc),
         source=source,
     )
     for table in (node, assemble, engines, send, output):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from io import BytesIO
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from node.infer.bundle import Bundle
 from node.infer.engine import Engine
 from node.infer.segment import segment_volume
 from node.spool.store import durable_write
+from node.write.preview import build_preview_sc, render_montage
 from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
 from node.write.seg import build_seg, present_labels
@@ -56,8 +58,6 @@ class _Stopwatch:
 
 
 def _save(ds: Dataset, path: Path, tmp_dir: Path) -> None:
-    from io import BytesIO
-
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     durable_write(path, buffer.getvalue(), tmp_dir=tmp_dir)
@@ -90,6 +90,8 @@ def run_job(
     provenance: Provenance,
     write_seg: bool = True,
     write_rtstruct: bool = True,
+    preview_png: bool = False,
+    preview_sc: bool = False,
 ) -> JobOutcome:
     """Read, assemble, segment and write one series with one bundle; return what was written."""
     watch = _Stopwatch()
@@ -121,6 +123,19 @@ def run_job(
         _save(rt, path, tmp_dir)
         objects.append(WrittenObject("RTSTRUCT", path, uids.rtstruct_instance, str(rt.SOPClassUID)))
         watch.lap("write_rtstruct")
+    if preview_png or preview_sc:
+        montage = render_montage(volume, labels, found, f"{bundle.algorithm_name} {bundle.version} - not for diagnosis")
+        if preview_png:
+            buffer = BytesIO()
+            montage.save(buffer, format="PNG")
+            durable_write(out_dir / "preview.png", buffer.getvalue(), tmp_dir=tmp_dir)
+        if preview_sc:
+            sc = build_preview_sc(volume, montage, series_uid=uids.preview_series,
+                                  instance_uid=uids.preview_instance, provenance=provenance)
+            path = out_dir / f"PREVIEW_{uids.preview_instance}.dcm"
+            _save(sc, path, tmp_dir)
+            objects.append(WrittenObject("PREVIEW", path, uids.preview_instance, str(sc.SOPClassUID)))
+        watch.lap("preview")
     return JobOutcome(
         series_uid=series_uid,
         bundle=bundle.id,

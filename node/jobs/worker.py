@@ -83,6 +83,8 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
                 provenance=Provenance.now(cfg.ae_title),
                 write_seg=cfg.write_seg,
                 write_rtstruct=cfg.write_rtstruct,
+                preview_png=cfg.preview_png,
+                preview_sc=cfg.preview_sc,
             )
         except NodeError as exc:
             log.error("job %d failed: %s", job.id, exc)

@@ -28,6 +28,8 @@ class ResultUids:
     seg_instance: str
     rtstruct_series: str
     rtstruct_instance: str
+    preview_series: str
+    preview_instance: str
 
     @classmethod
     def for_job(cls, key: str) -> ResultUids:
@@ -41,4 +43,6 @@ class ResultUids:
             seg_instance=uid("seg-instance"),
             rtstruct_series=uid("rtstruct-series"),
             rtstruct_instance=uid("rtstruct-instance"),
+            preview_series=uid("preview-series"),
+            preview_instance=uid("preview-instance"),
         )

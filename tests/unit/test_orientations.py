@@ -45,7 +45,7 @@ from tests.harness.synthetic_ct import HU_TABLE, body_mask_lps, phantom_hu, writ
 ENGINES = Path(__file__).resolve().parents[2] / "engines"
 PROV = Provenance(created=dt.datetime(2026, 1, 2, 3, 4, 5))
 
-# Small cases: 24 slices of 96 × 96 at 4 mm (a 384 mm field of view, 96 mm deep stack).
+# Small cases: 24 slices of 96 × 96 at 4 mm (a 384 mm field of view, a 96 mm deep stack).
 SLICES, SIZE, SPACING_MM = 24, 96, 4.0
 
 DICE_MIN = 0.95
@@ -82,6 +82,7 @@ class Acquisition:
     orientation: tuple[float, ...]
     #: Where the centre of the stack goes: (x, z); y is the body's own centre at that height.
     centre_xz: tuple[float, float]
+    slices: int = SLICES
 
 
 # Axial-like stacks are centred at z = 200 mm: the top of the chest (lungs end at ~210 mm) and the
@@ -90,13 +91,15 @@ class Acquisition:
 # images see 384 mm along z: centred at z = 80 mm they hold the whole lungs (−90…210 mm) with
 # margin, so the slice-by-slice hole filling closes them, and the neck taper at the top. The
 # phantom is left-right symmetric, so the sagittal stack sits 16 mm to the patient's left of the
-# midline: slices (x from −30 to +62 mm) then differ from their mirror images.
+# midline: slices (x from −30 to +62 mm) then differ from their mirror images. A coronal stack of
+# 24 slices would see neither the front of the body nor the couch, so it has 72 slices (288 mm):
+# the whole anterior-posterior extent, and the couch on either side (supine or prone).
 ACQUISITIONS: dict[str, Acquisition] = {
     "axial": Acquisition(_iop(np.eye(3)), (0.0, 200.0)),
     "tilt+17": Acquisition(_iop(_rot_x(17.0)), (0.0, 200.0)),
     "tilt-20": Acquisition(_iop(_rot_x(-20.0)), (0.0, 200.0)),
     "sagittal": Acquisition((0, 1, 0, 0, 0, -1), (16.0, 80.0)),
-    "coronal": Acquisition((1, 0, 0, 0, 0, -1), (0.0, 80.0)),
+    "coronal": Acquisition((1, 0, 0, 0, 0, -1), (0.0, 80.0), slices=72),
     "double-oblique": Acquisition(_iop(_rot_y(15.0) @ _rot_x(-25.0)), (0.0, 200.0)),
 }
 POSITIONS = ("HFS", "FFS", "HFP", "FFP")
@@ -118,7 +121,7 @@ def _origin(acq: Acquisition) -> tuple[float, float, float]:
     row, col = o[:3] / np.linalg.norm(o[:3]), o[3:] / np.linalg.norm(o[3:])
     normal = np.cross(row, col)
     half = 0.5 * (SIZE - 1) * SPACING_MM
-    origin = centre - half * row - half * col - 0.5 * (SLICES - 1) * SPACING_MM * normal
+    origin = centre - half * row - half * col - 0.5 * (acq.slices - 1) * SPACING_MM * normal
     return (float(origin[0]), float(origin[1]), float(origin[2]))
 
 
@@ -224,7 +227,7 @@ def test_contours_land_on_the_body(
     acq = ACQUISITIONS[acquisition]
     series = write_ct_series(
         tmp_path / "ct",
-        slices=SLICES,
+        slices=acq.slices,
         rows=SIZE,
         columns=SIZE,
         pixel_spacing=(SPACING_MM, SPACING_MM),
@@ -299,7 +302,7 @@ def test_contours_land_on_the_body(
     by_slice: dict[int, list[np.ndarray]] = {}
     for k_, pts in contours:
         by_slice.setdefault(k_, []).append(pts)
-    for k_ in range(SLICES):
+    for k_ in range(acq.slices):
         if truth[k_].sum() < MIN_SLICE_FRACTION * truth[k_].size:
             continue
         outlines = [_polygon_centroid_lps(p, headers[k_]) for p in by_slice.get(k_, [])]
