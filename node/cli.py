@@ -142,7 +142,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 out_dir = out_root / _series_dir(s.series_uid) / bundle.name
                 outcome = run_job(s.paths, bundle, engine, out_dir, provenance=Provenance.now(cfg.ae_title),
                                   write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct,
-                                  preview_png=args.preview or cfg.preview_png, preview_sc=cfg.preview_sc)
+                                  preview_png=args.preview or cfg.preview_png, preview_sc=cfg.preview_sc,
+                                  seg_type=cfg.seg_type)
                 result = "ok: " + ", ".join(str(o.path) for o in outcome.objects)
                 structures = ", ".join(outcome.structures)
             except NodeError as exc:

@@ -57,6 +57,7 @@ class NodeConfig:
     send_timeout_s: float = 30.0
     write_seg: bool = True
     write_rtstruct: bool = True
+    seg_type: str = "BINARY"
     preview_png: bool = False
     preview_sc: bool = False
     source: str = "(embedded defaults)"
@@ -191,6 +192,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         send_timeout_s=send.positive("timeout_s", defaults.send_timeout_s),
         write_seg=output.get("seg", bool, defaults.write_seg),
         write_rtstruct=output.get("rtstruct", bool, defaults.write_rtstruct),
+        seg_type=output.get("seg_type", str, defaults.seg_type),
         preview_png=output.get("preview_png", bool, defaults.preview_png),
         preview_sc=output.get("preview_sc", bool, defaults.preview_sc),
         source=source,
@@ -199,6 +201,8 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         table.finish()
     if cfg.engine_backend not in ("cpu", "auto"):
         raise ConfigError(f"{source}: key 'engines.backend' is {cfg.engine_backend!r}; expected 'cpu' or 'auto'")
+    if cfg.seg_type not in ("BINARY", "LABELMAP"):
+        raise ConfigError(f"{source}: key 'output.seg_type' is {cfg.seg_type!r}; expected 'BINARY' or 'LABELMAP'")
     if not all(isinstance(b, str) for b in cfg.bundles):
         raise ConfigError(f"{source}: key 'engines.bundles' must be a list of bundle names (strings)")
     names = [d.name for d in cfg.destinations]

@@ -92,6 +92,7 @@ def run_job(
     write_rtstruct: bool = True,
     preview_png: bool = False,
     preview_sc: bool = False,
+    seg_type: str = "BINARY",
 ) -> JobOutcome:
     """Read, assemble, segment and write one series with one bundle; return what was written."""
     watch = _Stopwatch()
@@ -112,7 +113,7 @@ def run_job(
     tmp_dir = out_dir
     objects: list[WrittenObject] = []
     if write_seg:
-        seg = build_seg(volume, labels, bundle, found, uids, provenance)
+        seg = build_seg(volume, labels, bundle, found, uids, provenance, seg_type=seg_type)
         path = out_dir / f"SEG_{uids.seg_instance}.dcm"
         _save(seg, path, tmp_dir)
         objects.append(WrittenObject("SEG", path, uids.seg_instance, str(seg.SOPClassUID)))

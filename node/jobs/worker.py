@@ -85,6 +85,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
                 write_rtstruct=cfg.write_rtstruct,
                 preview_png=cfg.preview_png,
                 preview_sc=cfg.preview_sc,
+                seg_type=cfg.seg_type,
             )
         except NodeError as exc:
             log.error("job %d failed: %s", job.id, exc)

@@ -39,6 +39,8 @@ def build_seg(
     found: list[Label],
     uids: ResultUids,
     provenance: Provenance,
+    *,
+    seg_type: str = "BINARY",
 ) -> Dataset:
     """Build the SEG for ``labels`` (same shape and slice order as ``volume``)."""
     require_result(volume, labels, found)
@@ -67,7 +69,7 @@ def build_seg(
         seg = hd.seg.Segmentation(
             source_images=volume.headers,
             pixel_array=segments,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=hd.seg.SegmentationTypeValues(seg_type),
             segment_descriptions=descriptions,
             series_instance_uid=uids.seg_series,
             series_number=SEG_SERIES_NUMBER,
