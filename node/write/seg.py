@@ -89,4 +89,6 @@ def build_seg(
     except (ValueError, TypeError, AttributeError) as exc:
         raise WriteError(f"highdicom could not build the SEG: {exc}") from exc
     seg.StationName = provenance.station_name
+    if volume.headers[0].get("Laterality"):  # Type 2C: required for paired body parts
+        seg.Laterality = volume.headers[0].Laterality
     return seg

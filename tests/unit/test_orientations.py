@@ -73,6 +73,20 @@ def _rot_y(deg: float) -> np.ndarray:
     return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
 
 
+#: Scanner (gantry) frame → patient LPS for each patient position. A scanner writes its image rows
+#: and columns in the gantry frame: an axial image of a supine head-first patient has IOP
+#: (1,0,0, 0,1,0), head-first prone (−1,0,0, 0,−1,0), feet-first supine (−1,0,0, 0,1,0) and
+#: feet-first prone (1,0,0, 0,−1,0). So feet-first stacks run from head to feet (the slice normal
+#: is −z) and prone images are upside down: the acquisitions below are written as such a scanner
+#: would write them, not merely with a different PatientPosition tag.
+GANTRY_TO_PATIENT: dict[str, np.ndarray] = {
+    "HFS": np.diag([1.0, 1.0, 1.0]),
+    "HFP": np.diag([-1.0, -1.0, 1.0]),  # 180° about the head-feet axis
+    "FFS": np.diag([-1.0, 1.0, -1.0]),  # 180° about the vertical axis
+    "FFP": np.diag([1.0, -1.0, -1.0]),  # 180° about the left-right axis
+}
+
+
 def _iop(rotation: np.ndarray) -> tuple[float, ...]:
     """ImageOrientationPatient of an axial image rotated by ``rotation`` (row = R·x, column = R·y)."""
     return tuple(float(v) for v in (*rotation[:, 0], *rotation[:, 1]))
@@ -80,6 +94,7 @@ def _iop(rotation: np.ndarray) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Acquisition:
+    #: ImageOrientationPatient in the gantry frame (what it is for a head-first supine patient).
     orientation: tuple[float, ...]
     #: Where the centre of the stack goes: (x, z); y is the body's own centre at that height.
     centre_xz: tuple[float, float]
@@ -114,11 +129,18 @@ def _body_centre_y(z: float) -> float:
     return float(0.5 * (ys[inside].min() + ys[inside].max()))
 
 
-def _origin(acq: Acquisition) -> tuple[float, float, float]:
+def _orientation(acq: Acquisition, position: str) -> tuple[float, ...]:
+    """ImageOrientationPatient of ``acq`` for a patient lying in ``position``."""
+    o = np.asarray(acq.orientation, dtype=np.float64)
+    m = GANTRY_TO_PATIENT[position]
+    return tuple(float(v) + 0.0 for v in (*(m @ o[:3]), *(m @ o[3:])))
+
+
+def _origin(acq: Acquisition, orientation: tuple[float, ...]) -> tuple[float, float, float]:
     """ImagePositionPatient of the first slice that centres the stack on the body."""
     x, z = acq.centre_xz
     centre = np.array([x, _body_centre_y(z), z])
-    o = np.asarray(acq.orientation, dtype=np.float64)
+    o = np.asarray(orientation, dtype=np.float64)
     row, col = o[:3] / np.linalg.norm(o[:3]), o[3:] / np.linalg.norm(o[3:])
     normal = np.cross(row, col)
     half = 0.5 * (SIZE - 1) * SPACING_MM
@@ -233,6 +255,7 @@ def test_contours_land_on_the_body(
 ) -> None:
     started = time.perf_counter()
     acq = ACQUISITIONS[acquisition]
+    orientation = _orientation(acq, position)
     series = write_ct_series(
         tmp_path / "ct",
         slices=acq.slices,
@@ -240,8 +263,8 @@ def test_contours_land_on_the_body(
         columns=SIZE,
         pixel_spacing=(SPACING_MM, SPACING_MM),
         slice_thickness=SPACING_MM,
-        orientation=acq.orientation,
-        origin=_origin(acq),
+        orientation=orientation,
+        origin=_origin(acq, orientation),
         patient_position=position,
         seed=7,
     )
