@@ -105,18 +105,20 @@ class Acquisition:
 # start of the neck taper (from 230 mm), so the body's cross-section changes strongly from slice to
 # slice and a reversed slice order (head-first vs feet-first) would show. Sagittal and coronal
 # images see 384 mm along z: centred at z = 80 mm they hold the whole lungs (−90…210 mm) with
-# margin, so the slice-by-slice hole filling closes them, and the neck taper at the top. The
-# phantom is left-right symmetric, so the sagittal stack sits 16 mm to the patient's left of the
-# midline: slices (x from −30 to +62 mm) then differ from their mirror images. A coronal stack of
-# 24 slices would see neither the front of the body nor the couch, so it has 72 slices (288 mm):
-# the whole anterior-posterior extent, and the couch on either side (supine or prone).
+# margin, so the slice-by-slice hole filling closes them, and the neck taper at the top. A coronal
+# stack of 24 slices would see neither the front of the body nor the couch, so it has 72 slices
+# (288 mm): the whole anterior-posterior extent, and the couch on either side (supine or prone).
+# The phantom is left-right symmetric, so every stack sits off the midline towards the patient's
+# left (20 mm; the body, ~325 mm wide, still fits the 384 mm field of view): a left-right mirror
+# image then lands 40 mm off. The sagittal stack sits 40 mm to the left (x from −6 to +86 mm), so
+# its slices differ from their mirror images (~20% in area) and a reversed order would show.
 ACQUISITIONS: dict[str, Acquisition] = {
-    "axial": Acquisition(_iop(np.eye(3)), (0.0, 200.0)),
-    "tilt+17": Acquisition(_iop(_rot_x(17.0)), (0.0, 200.0)),
-    "tilt-20": Acquisition(_iop(_rot_x(-20.0)), (0.0, 200.0)),
-    "sagittal": Acquisition((0, 1, 0, 0, 0, -1), (16.0, 80.0)),
-    "coronal": Acquisition((1, 0, 0, 0, 0, -1), (0.0, 80.0), slices=72),
-    "double-oblique": Acquisition(_iop(_rot_y(15.0) @ _rot_x(-25.0)), (0.0, 200.0)),
+    "axial": Acquisition(_iop(np.eye(3)), (20.0, 200.0)),
+    "tilt+17": Acquisition(_iop(_rot_x(17.0)), (20.0, 200.0)),
+    "tilt-20": Acquisition(_iop(_rot_x(-20.0)), (20.0, 200.0)),
+    "sagittal": Acquisition((0, 1, 0, 0, 0, -1), (40.0, 80.0)),
+    "coronal": Acquisition((1, 0, 0, 0, 0, -1), (20.0, 80.0), slices=72),
+    "double-oblique": Acquisition(_iop(_rot_y(15.0) @ _rot_x(-25.0)), (20.0, 200.0)),
 }
 POSITIONS = ("HFS", "FFS", "HFP", "FFP")
 
@@ -329,6 +331,8 @@ def test_contours_land_on_the_body(
         assert np.abs(diff).max() < GLOBAL_CENTROID_TOL_MM, f"{name} centroid off the truth's by {diff.round(2)} mm (LPS)"
 
     # Slice by slice (head- vs feet-first: each slice's body is the one at that slice's height).
+    # The case is built so that these checks would catch a reversed slice order.
+    assert rev_c > CENTROID_TOL_MM or rev_a > AREA_TOL, "this stack cannot tell its slice order apart"
     assert seg_c < CENTROID_TOL_MM and rt_c < CENTROID_TOL_MM, (seg_c, rt_c)
     assert seg_a < AREA_TOL and rt_a < AREA_TOL, (seg_a, rt_a)
 

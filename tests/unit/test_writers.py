@@ -14,7 +14,7 @@ from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import Volume, build_volume, read_series
 from node.infer.bundle import discover_bundles
-from node.write.contours import slice_contours_px
+from node.write.contours import mask_contours_px, slice_contours_px
 from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
 from node.write.seg import build_seg, present_labels
@@ -125,3 +125,21 @@ def test_uids_are_deterministic_per_job() -> None:
     c = ResultUids.for_job(job_key("1.2.3", "b@2", ["1.1", "1.2"]))
     assert a == b and a != c
     assert len({a.seg_instance, a.seg_series, a.rtstruct_instance, a.rtstruct_series}) == 4
+
+
+def test_vectorised_tracing_fills_back_exactly_on_random_masks() -> None:
+    """Saddles (pixels touching at a corner), holes, islands, masks touching the border."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    stack = np.stack([rng.uniform(size=(24, 31)) > 0.5 for _ in range(20)]
+                     + [ndimage.binary_opening(rng.uniform(size=(24, 31)) > 0.4) for _ in range(20)])
+    contours = mask_contours_px(stack)
+    filled = np.zeros_like(stack)
+    for k, rc in contours:
+        rr, cc = fill_polygon(rc[:, 0], rc[:, 1], shape=stack.shape[1:])
+        part = np.zeros(stack.shape[1:], dtype=bool)
+        part[rr, cc] = True
+        filled[k] ^= part
+    assert np.array_equal(filled, stack)
+    assert all(len(rc) >= 3 for _, rc in contours)
