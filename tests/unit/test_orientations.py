@@ -328,7 +328,7 @@ def test_contours_land_on_the_body(
     truth_c = _centroid(truth, centres)
     for name, pred in (("SEG", pred_seg), ("RTSTRUCT", pred_rt)):
         diff = _centroid(pred, centres) - truth_c
-        assert np.abs(diff).max() < GLOBAL_CENTROID_TOL_MM, f"{name} centroid off the truth's by {diff.round(2)} mm (LPS)"
+        assert np.abs(diff).max() < GLOBAL_CENTROID_TOL_MM, f"{name} centroid {diff.round(2)} mm (LPS) off the truth's"
 
     # Slice by slice (head- vs feet-first: each slice's body is the one at that slice's height).
     # The case is built so that these checks would catch a reversed slice order.
