@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset
 
 from node.assemble.select import SeriesFacts, why_not
 from node.assemble.volume import Volume, build_volume, read_series
 from node.errors import VolumeError, WriteError
-from node.infer.bundle import Bundle
+from node.infer.bundle import Bundle, Label
 from node.infer.engine import Engine
 from node.infer.segment import segment_volume
 from node.spool.store import durable_write
@@ -61,6 +63,49 @@ def _save(ds: Dataset, path: Path, tmp_dir: Path) -> None:
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     durable_write(path, buffer.getvalue(), tmp_dir=tmp_dir)
+
+
+def _write_seg(volume: Volume, labels: np.ndarray, bundle: Bundle, found: list[Label], uids: ResultUids,
+               provenance: Provenance, seg_type: str, out_dir: Path) -> WrittenObject:
+    seg = build_seg(volume, labels, bundle, found, uids, provenance, seg_type=seg_type)
+    path = out_dir / f"SEG_{uids.seg_instance}.dcm"
+    _save(seg, path, out_dir)
+    return WrittenObject("SEG", path, uids.seg_instance, str(seg.SOPClassUID))
+
+
+def write_results(
+    volume: Volume,
+    labels: np.ndarray,
+    bundle: Bundle,
+    found: list[Label],
+    uids: ResultUids,
+    provenance: Provenance,
+    out_dir: Path,
+    *,
+    write_seg: bool = True,
+    write_rtstruct: bool = True,
+    seg_type: str = "BINARY",
+) -> list[WrittenObject]:
+    """Build and durably save the SEG and the RTSTRUCT of one result.
+
+    The SEG is built on a second thread while the RTSTRUCT is traced here: much of both is numpy
+    work that releases the GIL, so the two take little longer than the slower one.
+    """
+    objects: list[WrittenObject] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        seg_future = (
+            pool.submit(_write_seg, volume, labels, bundle, found, uids, provenance, seg_type, out_dir)
+            if write_seg
+            else None
+        )
+        if write_rtstruct:
+            rt = build_rtstruct(volume, labels, bundle, found, uids, provenance)
+            path = out_dir / f"RTSTRUCT_{uids.rtstruct_instance}.dcm"
+            _save(rt, path, out_dir)
+            objects.append(WrittenObject("RTSTRUCT", path, uids.rtstruct_instance, str(rt.SOPClassUID)))
+        if seg_future is not None:
+            objects.insert(0, seg_future.result())
+    return objects
 
 
 def check_volume_series(volume: Volume, bundle: Bundle) -> None:
@@ -112,18 +157,9 @@ def run_job(
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir
     objects: list[WrittenObject] = []
-    if write_seg:
-        seg = build_seg(volume, labels, bundle, found, uids, provenance, seg_type=seg_type)
-        path = out_dir / f"SEG_{uids.seg_instance}.dcm"
-        _save(seg, path, tmp_dir)
-        objects.append(WrittenObject("SEG", path, uids.seg_instance, str(seg.SOPClassUID)))
-        watch.lap("write_seg")
-    if write_rtstruct:
-        rt = build_rtstruct(volume, labels, bundle, found, uids, provenance)
-        path = out_dir / f"RTSTRUCT_{uids.rtstruct_instance}.dcm"
-        _save(rt, path, tmp_dir)
-        objects.append(WrittenObject("RTSTRUCT", path, uids.rtstruct_instance, str(rt.SOPClassUID)))
-        watch.lap("write_rtstruct")
+    objects.extend(write_results(volume, labels, bundle, found, uids, provenance, out_dir,
+                                 write_seg=write_seg, write_rtstruct=write_rtstruct, seg_type=seg_type))
+    watch.lap("write")
     if preview_png or preview_sc:
         montage = render_montage(volume, labels, found, f"{bundle.algorithm_name} {bundle.version} - not for diagnosis")
         if preview_png:

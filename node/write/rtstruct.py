@@ -135,6 +135,9 @@ def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[L
 
 
 def _contour_items(volume: Volume, found: list[Label], traced: list[list[SliceContour]]) -> list[Dataset]:
+    # One reference per slice, shared by every contour on it (pydicom writes a shared item as often as
+    # it appears); building a fresh one per contour was a fifth of the RTSTRUCT's build time.
+    image_refs = [_contour_image(h) for h in volume.headers]
     items = []
     for number, (label, label_contours) in enumerate(zip(found, traced), start=1):
         roi = Dataset()
@@ -143,7 +146,7 @@ def _contour_items(volume: Volume, found: list[Label], traced: list[list[SliceCo
         contours = []
         for n, contour in enumerate(label_contours, start=1):
             item = Dataset()
-            item.ContourImageSequence = Sequence([_contour_image(volume.headers[contour.slice_index])])
+            item.ContourImageSequence = Sequence([image_refs[contour.slice_index]])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(contour.points_lps)
             item.ContourNumber = n

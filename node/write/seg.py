@@ -64,7 +64,10 @@ def build_seg(
                 display_color=hd.color.CIELabColor.from_rgb(*label.color_rgb),
             )
         )
-    segments = segment_map[labels]
+    # Segment numbers are 1..n in manifest order; when the label values already are, skip the remap.
+    identity = all(label.value == number for number, label in enumerate(found, start=1)) and \
+        int(labels.max()) <= len(found)
+    segments = labels if identity else segment_map[labels]
     try:
         seg = hd.seg.Segmentation(
             source_images=volume.headers,
