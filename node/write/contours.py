@@ -123,7 +123,12 @@ def _order_cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     jump = nxt.copy()
     steps = 1
     while steps < n:
-        np.minimum(rep, rep[jump], out=rep)
+        # While some cycle is longer than the window, some edge's minimum still changes (the one
+        # whose window ends just before its cycle's minimum), so "no change" means converged.
+        smaller = rep[jump]
+        if not (smaller < rep).any():
+            break
+        np.minimum(rep, smaller, out=rep)
         jump = jump[jump]
         steps *= 2
     # Break every cycle before its representative, then rank edges by distance to the break.
@@ -133,8 +138,11 @@ def _order_cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rank = (~terminal).astype(np.int64)
     steps = 1
     while steps < n:
+        ahead = succ[succ]
+        if np.array_equal(ahead, succ):  # every pointer has reached its cycle's break
+            break
         rank += rank[succ]
-        succ = succ[succ]
+        succ = ahead
         steps *= 2
     return rep, np.lexsort((-rank, rep))
 
