@@ -16,7 +16,7 @@ from pydicom import Dataset, Sequence, config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.assemble.volume import Volume
 from node.errors import WriteError
@@ -126,19 +126,35 @@ def _contour_data(values: np.ndarray) -> RawDataElement:
     return RawDataElement(Tag(0x30060050), "DS", len(text), text, 0, False, True)
 
 
-def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[Label]) -> None:
+#: Explicit VR gives DS values a 2-byte length. ContourData of a long contour can exceed it; then
+#: the whole RTSTRUCT is written in Implicit VR Little Endian (4-byte lengths), which every planning
+#: system reads, rather than letting the element degrade to VR UN.
+MAX_EXPLICIT_LENGTH = 0xFFFE
+
+
+def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[Label]) -> bool:
+    """Fill ROIContourSequence; return True when the object must be written in Implicit VR."""
     # Contour tracing is numpy work that releases the GIL: one thread per structure uses every core.
     with ThreadPoolExecutor(max_workers=min(len(found), os.cpu_count() or 1)) as pool:
         traced = list(pool.map(lambda label: mask_contours(labels == label.value, volume.geometry), found))
     with config.disable_value_validation():  # values are ours and well-formed; validation is 40% of the time
-        ds.ROIContourSequence = Sequence(_contour_items(volume, found, traced))
+        items, longest = _contour_items(volume, found, traced)
+        ds.ROIContourSequence = Sequence(items)
+    implicit = longest > MAX_EXPLICIT_LENGTH
+    # Mark the contour items as already in the output encoding, so pydicom writes the raw
+    # ContourData as it is instead of parsing it back into a million DSfloat objects.
+    for roi in items:
+        for item in roi.get("ContourSequence", []):
+            item.set_original_encoding(implicit, True, item._character_set)
+    return implicit
 
 
-def _contour_items(volume: Volume, found: list[Label], traced: list[list[SliceContour]]) -> list[Dataset]:
+def _contour_items(volume: Volume, found: list[Label], traced: list[list[SliceContour]]) -> tuple[list[Dataset], int]:
     # One reference per slice, shared by every contour on it (pydicom writes a shared item as often as
     # it appears); building a fresh one per contour was a fifth of the RTSTRUCT's build time.
     image_refs = [_contour_image(h) for h in volume.headers]
     items = []
+    longest = 0
     for number, (label, label_contours) in enumerate(zip(found, traced), start=1):
         roi = Dataset()
         roi.ROIDisplayColor = list(label.color_rgb)
@@ -150,15 +166,14 @@ def _contour_items(volume: Volume, found: list[Label], traced: list[list[SliceCo
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(contour.points_lps)
             item.ContourNumber = n
-            item[0x30060050] = _contour_data(contour.points_lps)
-            # Mark the item as already in the output encoding, so pydicom writes the raw
-            # ContourData as it is instead of parsing it back into a million DSfloat objects.
-            item.set_original_encoding(False, True, item._character_set)
+            data = _contour_data(contour.points_lps)
+            longest = max(longest, data.length)
+            item[0x30060050] = data
             contours.append(item)
         if contours:
             roi.ContourSequence = Sequence(contours)
         items.append(roi)
-    return items
+    return items, longest
 
 
 def _observations(ds: Dataset, found: list[Label]) -> None:
@@ -198,7 +213,8 @@ def build_rtstruct(
     _patient_and_study(source, ds)
     _series_and_equipment(ds, bundle, uids, provenance)
     _structure_set(ds, volume, found, bundle, provenance)
-    _roi_contours(ds, volume, labels, found)
+    if _roi_contours(ds, volume, labels, found):
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     _observations(ds, found)
     ds.ApprovalStatus = "UNAPPROVED"
     return ds

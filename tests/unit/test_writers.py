@@ -143,3 +143,63 @@ def test_vectorised_tracing_fills_back_exactly_on_random_masks() -> None:
         filled[k] ^= part
     assert np.array_equal(filled, stack)
     assert all(len(rc) >= 3 for _, rc in contours)
+
+
+def test_contour_data_over_64_kib_switches_to_implicit_vr(tmp_path: Path) -> None:
+    """An outline of ~2,800 points exceeds explicit VR's 2-byte DS length (64 KiB)."""
+    series = write_ct_series(tmp_path, slices=2, rows=512, columns=512, pixel_spacing=(0.8, 0.8), noise_hu=0)
+    volume = build_volume(read_series(series.files))
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:512, 0:512]
+    theta = np.arctan2(y - 256, x - 256)
+    bumps = rng.integers(-3, 4, size=4096)  # a disc with a ragged rim: ~2,800 points in one contour
+    ragged = np.hypot(y - 256, x - 256) < 240 + bumps[((theta + np.pi) / (2 * np.pi) * 4095).astype(int)]
+    labels = np.zeros(volume.geometry.shape, dtype=np.uint8)
+    labels[1] = ragged
+    rt = build_rtstruct(volume, labels, BUNDLE, present_labels(labels, BUNDLE), ResultUids.for_job("k"), PROV)
+    assert rt.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"  # Implicit VR Little Endian
+    path = tmp_path / "rt.dcm"
+    path.write_bytes(_save(rt))
+    back = dcmread(path)
+    longest = max(len(c[0x30060050].value) if isinstance(c[0x30060050].value, bytes) else
+                  sum(len(str(v)) + 1 for v in c.ContourData) for c in back.ROIContourSequence[0].ContourSequence)
+    assert longest > 0xFFFE
+    assert np.array_equal(_rasterise(volume, back), labels.astype(bool))
+    if not tool_missing_reason("dciodvfy"):
+        report = dciodvfy(path)
+        assert report.ok, report.errors
+
+
+def test_several_structures_go_into_one_seg_and_one_rtstruct(tmp_path: Path) -> None:
+    import dataclasses
+
+    from node.infer.bundle import Code, Label
+
+    anatomy = Code("SCT", "123037004", "Anatomical Structure")
+    bundle = dataclasses.replace(BUNDLE, labels=(
+        BUNDLE.labels[0],
+        Label(2, "Lung_L", anatomy, Code("SCT", "44029006", "Left lung"), (0, 128, 255), "ORGAN"),
+        Label(3, "Spine", anatomy, Code("SCT", "421060004", "Spinal column"), (255, 255, 0), "ORGAN"),
+    ))
+    volume, body = _case(tmp_path, ORIENTATIONS["tilted"])
+    labels = body.copy()
+    labels[(volume.voxels < -600) & (body > 0)] = 2
+    labels[volume.voxels > 500] = 3
+    found = present_labels(labels, bundle)
+    assert [label.name for label in found] == ["BODY", "Lung_L", "Spine"]
+    uids = ResultUids.for_job("multi")
+    seg_path, rt_path = tmp_path / "seg.dcm", tmp_path / "rt.dcm"
+    seg_path.write_bytes(_save(build_seg(volume, labels, bundle, found, uids, PROV)))
+    rt_path.write_bytes(_save(build_rtstruct(volume, labels, bundle, found, uids, PROV)))
+    parsed = hd.seg.segread(seg_path)
+    assert [parsed.get_segment_description(n).segment_label for n in parsed.segment_numbers] == ["BODY", "Lung_L", "Spine"]
+    assert np.array_equal(parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True), labels)
+    rt = dcmread(rt_path)
+    names = {int(r.ROINumber): r.ROIName for r in rt.StructureSetROISequence}
+    assert names == {1: "BODY", 2: "Lung_L", 3: "Spine"}
+    assert [int(r.ReferencedROINumber) for r in rt.ROIContourSequence] == [1, 2, 3]
+    assert {int(o.ReferencedROINumber): o.RTROIInterpretedType for o in rt.RTROIObservationsSequence} == \
+        {1: "EXTERNAL", 2: "ORGAN", 3: "ORGAN"}
+    if not tool_missing_reason("dciodvfy"):
+        for path in (seg_path, rt_path):
+            assert dciodvfy(path).ok
