@@ -43,6 +43,7 @@ class NodeConfig:
     state_dir: Path = Path("state")
     allowed_calling_aes: tuple[str, ...] = ()
     max_pdu_size: int = 0
+    min_free_disk_mb: int = 1024
     workers: int = 1
     quiet_period_s: float = 10.0
     release_settle_s: float = 2.0
@@ -178,6 +179,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         state_dir=path_value(node, "state_dir", defaults.state_dir),
         allowed_calling_aes=allowed_titles,
         max_pdu_size=node.positive("max_pdu_size", defaults.max_pdu_size, integer=True, allow_zero=True),
+        min_free_disk_mb=node.positive("min_free_disk_mb", defaults.min_free_disk_mb, integer=True, allow_zero=True),
         workers=node.positive("workers", defaults.workers, integer=True),
         quiet_period_s=assemble.positive("quiet_period_s", defaults.quiet_period_s),
         release_settle_s=assemble.positive("release_settle_s", defaults.release_settle_s, allow_zero=True),

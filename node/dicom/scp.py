@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -195,6 +196,12 @@ class Receiver:
         if self.index.has_instance(sop_uid):
             log.info("C-STORE from %s: SOP Instance %s already stored; kept the first copy", calling, sop_uid)
             return Status.SUCCESS
+        free_mb = shutil.disk_usage(self.spool.root).free // 2**20
+        if free_mb - len(dataset) // 2**20 < self.cfg.min_free_disk_mb:
+            log.error("C-STORE from %s of %s refused (0x%04X): %d MB free in %s, below the %d MB watermark "
+                      "(node.min_free_disk_mb)", calling, sop_uid, Status.OUT_OF_RESOURCES, free_mb,
+                      self.spool.root, self.cfg.min_free_disk_mb)
+            return Status.OUT_OF_RESOURCES
         try:
             path, size = self.spool.store(sop_uid, [header, dataset])
             self.index.add_instance(

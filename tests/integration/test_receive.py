@@ -104,3 +104,17 @@ def test_the_same_instance_twice_is_stored_once(tmp_path: Path) -> None:
         status = node.status()
     assert len(stored) == 1
     assert status["series"][0]["instance_count"] == 1
+
+
+@pytest.mark.skipif(not TS.is_dir(), reason=f"real transfer-syntax samples not found at {TS}")
+def test_disk_watermark_refuses_with_out_of_resources(tmp_path: Path) -> None:
+    sample = TS / "CTImage.dcm_LittleEndianExplicitTransferSyntax_1.2.840.10008.1.2.1.dcm"
+    node = NodeProcess(tmp_path / "node", quiet_period_s=600, release_settle_s=600,
+                       extra_toml="[node]\nmin_free_disk_mb = 1000000000\n")  # a petabyte: always below
+    with node:
+        proc = storescu("127.0.0.1", node.port, node.ae_title, [sample], check=False, extra_args=["-v"])
+        stored = _stored(node)
+        log = node.log_text()
+    assert "Refused: OutOfResources" in proc.stderr, proc.stderr
+    assert "below the 1000000000 MB watermark" in log
+    assert stored == {}
