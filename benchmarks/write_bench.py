@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.assemble.volume import build_volume, read_series  # noqa: E402
 from node.infer.bundle import Code, Label, discover_bundles  # noqa: E402
 from node.write.provenance import Provenance  # noqa: E402
-from node.jobs.pipeline import write_results  # noqa: E402
-from node.write.seg import present_labels  # noqa: E402
+from node.write.files import write_results  # noqa: E402
+from node.write.result import Result  # noqa: E402
 from node.write.uids import ResultUids  # noqa: E402
 from tests.harness.synthetic_ct import write_ct_series  # noqa: E402
 
@@ -64,14 +64,13 @@ def main() -> int:
         volume = build_volume(read_series(series.files))
     bundle = four_structure_bundle()
     labels = labels_for(volume)
-    found = present_labels(labels, bundle)
-    prov = Provenance(created=dt.datetime(2026, 1, 1))
-    uids = ResultUids.for_job("bench")
+    result = Result.of(volume, labels, bundle, ResultUids.for_job("bench"), Provenance(created=dt.datetime(2026, 1, 1)))
+    found = result.found
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            objects = write_results(volume, labels, bundle, found, uids, prov, Path(tmp))
+            objects = write_results(result, Path(tmp))
             rows.append((time.perf_counter() - t0, {o.kind: o.path.stat().st_size for o in objects}))
     best, sizes = min(rows, key=lambda r: r[0])
     print(f"volume {volume.voxels.shape}, structures {[l.name for l in found]}, best of {args.repeats}")

@@ -22,7 +22,7 @@ from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Label
 from node.write.contours import SliceContour, mask_contours
-from node.write.checks import require_result
+from node.write.result import Result
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.uids import ResultUids
 
@@ -189,16 +189,10 @@ def _observations(ds: Dataset, found: list[Label]) -> None:
     ds.RTROIObservationsSequence = Sequence(items)
 
 
-def build_rtstruct(
-    volume: Volume,
-    labels: np.ndarray,
-    bundle: Bundle,
-    found: list[Label],
-    uids: ResultUids,
-    provenance: Provenance,
-) -> Dataset:
-    """Build the RT Structure Set for ``labels`` on ``volume``'s images."""
-    require_result(volume, labels, found)
+def build_rtstruct(result: Result) -> Dataset:
+    """Build the RT Structure Set for ``result`` on its volume's images."""
+    volume, labels, bundle, found = result.volume, result.labels, result.bundle, result.found
+    uids, provenance = result.uids, result.provenance
     source = volume.headers[0]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()

@@ -15,7 +15,7 @@ from pydicom import Dataset
 from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Code, Label
-from node.write.checks import require_result
+from node.write.result import Result
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.uids import ResultUids
 
@@ -26,24 +26,10 @@ def _concept(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def present_labels(labels: np.ndarray, bundle: Bundle) -> list[Label]:
-    """The bundle's labels that occur in ``labels``, in manifest order."""
-    counts = np.bincount(labels.ravel(), minlength=max(label.value for label in bundle.labels) + 1)
-    return [label for label in bundle.labels if counts[label.value] > 0]
-
-
-def build_seg(
-    volume: Volume,
-    labels: np.ndarray,
-    bundle: Bundle,
-    found: list[Label],
-    uids: ResultUids,
-    provenance: Provenance,
-    *,
-    seg_type: str = "BINARY",
-) -> Dataset:
-    """Build the SEG for ``labels`` (same shape and slice order as ``volume``)."""
-    require_result(volume, labels, found)
+def build_seg(result: Result, *, seg_type: str = "BINARY") -> Dataset:
+    """Build the SEG for ``result`` (labels in the same shape and slice order as its volume)."""
+    volume, labels, bundle, found = result.volume, result.labels, result.bundle, result.found
+    uids, provenance = result.uids, result.provenance
     algorithm = hd.AlgorithmIdentificationSequence(
         name=bundle.algorithm_name, family=_concept(bundle.algorithm_family), version=bundle.version
     )

@@ -21,7 +21,8 @@ from node.assemble.volume import build_volume, read_series
 from node.infer.bundle import discover_bundles
 from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
-from node.write.seg import build_seg, present_labels
+from node.write.result import Result, present_labels
+from node.write.seg import build_seg
 from node.write.uids import ResultUids
 from tests.harness.pixelmed import pixelmed_missing_reason, validate
 from tests.harness.synthetic_ct import write_ct_series
@@ -41,8 +42,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     found = present_labels(labels, bundle)
     prov = Provenance(created=dt.datetime(2026, 1, 1))
     out = {}
-    for kind, ds in (("SEG", build_seg(volume, labels, bundle, found, ResultUids.for_job("p"), prov)),
-                     ("RTSTRUCT", build_rtstruct(volume, labels, bundle, found, ResultUids.for_job("p"), prov))):
+    result = Result(volume, labels, bundle, found, ResultUids.for_job("p"), prov)
+    for kind, ds in (("SEG", build_seg(result)), ("RTSTRUCT", build_rtstruct(result))):
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         out[kind] = tmp / f"{kind}.dcm"

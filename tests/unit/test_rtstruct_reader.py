@@ -16,7 +16,7 @@ from node.infer.bundle import discover_bundles
 from node.read import Contour, Roi, StructureSetError, rasterise, read_structure_set
 from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
-from node.write.seg import present_labels
+from node.write.result import Result
 from node.write.uids import ResultUids
 from tests.harness.synthetic_ct import write_ct_series
 
@@ -220,7 +220,7 @@ def _volume(tmp_path: Path, orientation: tuple[float, ...]) -> Volume:
 
 
 def _round_trip(tmp_path: Path, volume: Volume, labels: np.ndarray) -> Roi:
-    rt = build_rtstruct(volume, labels, BUNDLE, present_labels(labels, BUNDLE), ResultUids.for_job("key"), PROV)
+    rt = build_rtstruct(Result.of(volume, labels, BUNDLE, ResultUids.for_job("key"), PROV))
     buffer = BytesIO()
     rt.save_as(buffer, enforce_file_format=True)
     path = tmp_path / "rt.dcm"

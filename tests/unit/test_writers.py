@@ -17,7 +17,8 @@ from node.infer.bundle import discover_bundles
 from node.write.contours import mask_contours_px, slice_contours_px
 from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
-from node.write.seg import build_seg, present_labels
+from node.write.result import Result, present_labels
+from node.write.seg import build_seg
 from node.write.uids import ResultUids, job_key
 from tests.harness.dcmtk import dciodvfy, tool_missing_reason
 from tests.harness.synthetic_ct import body_mask_lps, write_ct_series
@@ -53,7 +54,7 @@ def _save(ds) -> bytes:  # type: ignore[no-untyped-def]
 def test_seg_reads_back_to_exactly_the_labels(tmp_path: Path, name: str, seg_type: str) -> None:
     volume, labels = _case(tmp_path, ORIENTATIONS[name])
     uids = ResultUids.for_job(job_key(str(volume.headers[0].SeriesInstanceUID), BUNDLE.id, volume.sop_instance_uids))
-    seg = build_seg(volume, labels, BUNDLE, present_labels(labels, BUNDLE), uids, PROV, seg_type=seg_type)
+    seg = build_seg(Result.of(volume, labels, BUNDLE, uids, PROV), seg_type=seg_type)
     path = tmp_path / "seg.dcm"
     path.write_bytes(_save(seg))
     parsed = hd.seg.segread(path)
@@ -88,7 +89,7 @@ def _rasterise(volume: Volume, rt) -> np.ndarray:  # type: ignore[no-untyped-def
 def test_rtstruct_contours_fill_back_to_the_mask(tmp_path: Path, name: str) -> None:
     volume, labels = _case(tmp_path, ORIENTATIONS[name])
     uids = ResultUids.for_job("key")
-    rt = build_rtstruct(volume, labels, BUNDLE, present_labels(labels, BUNDLE), uids, PROV)
+    rt = build_rtstruct(Result.of(volume, labels, BUNDLE, uids, PROV))
     path = tmp_path / "rt.dcm"
     path.write_bytes(_save(rt))
     rt = dcmread(path)
@@ -156,7 +157,7 @@ def test_contour_data_over_64_kib_switches_to_implicit_vr(tmp_path: Path) -> Non
     ragged = np.hypot(y - 256, x - 256) < 240 + bumps[((theta + np.pi) / (2 * np.pi) * 4095).astype(int)]
     labels = np.zeros(volume.geometry.shape, dtype=np.uint8)
     labels[1] = ragged
-    rt = build_rtstruct(volume, labels, BUNDLE, present_labels(labels, BUNDLE), ResultUids.for_job("k"), PROV)
+    rt = build_rtstruct(Result.of(volume, labels, BUNDLE, ResultUids.for_job("k"), PROV))
     assert rt.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"  # Implicit VR Little Endian
     path = tmp_path / "rt.dcm"
     path.write_bytes(_save(rt))
@@ -189,8 +190,9 @@ def test_several_structures_go_into_one_seg_and_one_rtstruct(tmp_path: Path) -> 
     assert [label.name for label in found] == ["BODY", "Lung_L", "Spine"]
     uids = ResultUids.for_job("multi")
     seg_path, rt_path = tmp_path / "seg.dcm", tmp_path / "rt.dcm"
-    seg_path.write_bytes(_save(build_seg(volume, labels, bundle, found, uids, PROV)))
-    rt_path.write_bytes(_save(build_rtstruct(volume, labels, bundle, found, uids, PROV)))
+    result = Result(volume, labels, bundle, found, uids, PROV)
+    seg_path.write_bytes(_save(build_seg(result)))
+    rt_path.write_bytes(_save(build_rtstruct(result)))
     parsed = hd.seg.segread(seg_path)
     assert [parsed.get_segment_description(n).segment_label for n in parsed.segment_numbers] == ["BODY", "Lung_L", "Spine"]
     assert np.array_equal(parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True), labels)

@@ -1,0 +1,80 @@
+"""Writing a result to disk: SEG, RTSTRUCT and previews, each saved tmp → fsync → rename."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import Dataset
+
+from node.spool.store import durable_write
+from node.write.preview import build_preview_sc, render_montage
+from node.write.result import Result
+from node.write.rtstruct import build_rtstruct
+from node.write.seg import build_seg
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    kind: str  # "SEG", "RTSTRUCT" or "PREVIEW"
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+def save_dataset(ds: Dataset, path: Path) -> None:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    durable_write(path, buffer.getvalue(), tmp_dir=path.parent)
+
+
+def _write_seg(result: Result, out_dir: Path, seg_type: str) -> WrittenObject:
+    seg = build_seg(result, seg_type=seg_type)
+    path = out_dir / f"SEG_{result.uids.seg_instance}.dcm"
+    save_dataset(seg, path)
+    return WrittenObject("SEG", path, result.uids.seg_instance, str(seg.SOPClassUID))
+
+
+def write_results(
+    result: Result, out_dir: Path, *, write_seg: bool = True, write_rtstruct: bool = True, seg_type: str = "BINARY"
+) -> list[WrittenObject]:
+    """Build and durably save the SEG and the RTSTRUCT of one result.
+
+    The SEG is built on a second thread while the RTSTRUCT is traced here: much of both is numpy
+    work that releases the GIL, so the two take little longer than the slower one.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objects: list[WrittenObject] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        seg_future = pool.submit(_write_seg, result, out_dir, seg_type) if write_seg else None
+        if write_rtstruct:
+            rt = build_rtstruct(result)
+            path = out_dir / f"RTSTRUCT_{result.uids.rtstruct_instance}.dcm"
+            save_dataset(rt, path)
+            objects.append(WrittenObject("RTSTRUCT", path, result.uids.rtstruct_instance, str(rt.SOPClassUID)))
+        if seg_future is not None:
+            objects.insert(0, seg_future.result())
+    return objects
+
+
+def write_preview(result: Result, out_dir: Path, *, png: bool, secondary_capture: bool) -> list[WrittenObject]:
+    """preview.png and/or the same montage as a Secondary Capture (returned, to be sent)."""
+    if not (png or secondary_capture):
+        return []
+    bundle = result.bundle
+    montage = render_montage(result.volume, result.labels, result.found,
+                             f"{bundle.algorithm_name} {bundle.version} - not for diagnosis")
+    if png:
+        buffer = BytesIO()
+        montage.save(buffer, format="PNG")
+        durable_write(out_dir / "preview.png", buffer.getvalue(), tmp_dir=out_dir)
+    if not secondary_capture:
+        return []
+    uids = result.uids
+    sc = build_preview_sc(result.volume, montage, series_uid=uids.preview_series,
+                          instance_uid=uids.preview_instance, provenance=result.provenance)
+    path = out_dir / f"PREVIEW_{uids.preview_instance}.dcm"
+    save_dataset(sc, path)
+    return [WrittenObject("PREVIEW", path, uids.preview_instance, str(sc.SOPClassUID))]
