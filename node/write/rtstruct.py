@@ -9,10 +9,11 @@ lists every source image.
 from __future__ import annotations
 
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from pydicom import Dataset, Sequence, config
+from pydicom import Dataset, Sequence
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
@@ -21,7 +22,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, Impl
 from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Label
-from node.write.contours import SliceContour, mask_contours
+from node.write.contours import mask_contours
 from node.write.result import Result
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.uids import ResultUids
@@ -113,17 +114,14 @@ def _structure_set(ds: Dataset, volume: Volume, found: list[Label], bundle: Bund
     return frame_uid
 
 
-def _contour_data(values: np.ndarray) -> RawDataElement:
-    """ContourData (3006,0050) encoded once as DS text (0.001 mm), bypassing per-value validation.
+def _contour_text(values: np.ndarray) -> bytes:
+    """ContourData values as DS text with 0.001 mm precision, padded to even length.
 
-    Each value is at most 16 characters (DS's limit) for coordinates within ±10 km. Building
-    thousands of DSfloat objects dominated RTSTRUCT writing time; the encoded element is identical.
+    Each value is at most 16 characters (DS's limit) for coordinates within ±10 km.
     """
     flat = values.ravel().tolist()
     text = ("%.3f\\" * len(flat) % tuple(flat))[:-1].encode("ascii")  # one C-level format call
-    if len(text) % 2:
-        text += b" "
-    return RawDataElement(Tag(0x30060050), "DS", len(text), text, 0, False, True)
+    return text + b" " if len(text) % 2 else text
 
 
 #: Explicit VR gives DS values a 2-byte length. ContourData of a long contour can exceed it; then
@@ -131,49 +129,77 @@ def _contour_data(values: np.ndarray) -> RawDataElement:
 #: system reads, rather than letting the element degrade to VR UN.
 MAX_EXPLICIT_LENGTH = 0xFFFE
 
+_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+_ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+_SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+class _Encoder:
+    """Encodes the few element kinds of ROIContourSequence straight to bytes (little endian).
+
+    The sequence holds thousands of items; building them as pydicom Datasets and letting pydicom
+    write them took most of the RTSTRUCT's writing time. Explicit or implicit VR, undefined-length
+    sequences and items, as pydicom itself writes them.
+    """
+
+    def __init__(self, implicit: bool) -> None:
+        self.implicit = implicit
+
+    def element(self, tag: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\0" if vr == b"UI" else b" "
+        group, elem = tag >> 16, tag & 0xFFFF
+        if self.implicit:
+            return struct.pack("<HHI", group, elem, len(value)) + value
+        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+    def sequence(self, tag: int, items: list[bytes]) -> bytes:
+        group, elem = tag >> 16, tag & 0xFFFF
+        if self.implicit:
+            head = struct.pack("<HHI", group, elem, 0xFFFFFFFF)
+        else:
+            head = struct.pack("<HH2sHI", group, elem, b"SQ", 0, 0xFFFFFFFF)
+        return head + b"".join(_ITEM + item + _ITEM_END for item in items) + _SEQUENCE_END
+
 
 def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[Label]) -> bool:
-    """Fill ROIContourSequence; return True when the object must be written in Implicit VR."""
+    """Set ROIContourSequence (pre-encoded); return True when the object must be written in Implicit VR."""
     # Contour tracing is numpy work that releases the GIL: one thread per structure uses every core.
     with ThreadPoolExecutor(max_workers=min(len(found), os.cpu_count() or 1)) as pool:
         traced = list(pool.map(lambda label: mask_contours(labels == label.value, volume.geometry), found))
-    with config.disable_value_validation():  # values are ours and well-formed; validation is 40% of the time
-        items, longest = _contour_items(volume, found, traced)
-        ds.ROIContourSequence = Sequence(items)
-    implicit = longest > MAX_EXPLICIT_LENGTH
-    # Mark the contour items as already in the output encoding, so pydicom writes the raw
-    # ContourData as it is instead of parsing it back into a million DSfloat objects.
-    for roi in items:
-        for item in roi.get("ContourSequence", []):
-            item.set_original_encoding(implicit, True, item._character_set)
+    texts = [[_contour_text(c.points_lps) for c in contours] for contours in traced]
+    implicit = max((len(t) for roi in texts for t in roi), default=0) > MAX_EXPLICIT_LENGTH
+    enc = _Encoder(implicit)
+    # One encoded image reference per slice, shared by every contour on that slice.
+    image_refs = [
+        enc.sequence(0x30060016, [enc.element(0x00081150, b"UI", str(h.SOPClassUID).encode())
+                                  + enc.element(0x00081155, b"UI", str(h.SOPInstanceUID).encode())])
+        for h in volume.headers
+    ]
+    closed_planar = enc.element(0x30060042, b"CS", b"CLOSED_PLANAR")
+    rois = []
+    for number, (label, contours, roi_texts) in enumerate(zip(found, traced, texts), start=1):
+        items = [
+            image_refs[c.slice_index]
+            + closed_planar
+            + enc.element(0x30060046, b"IS", str(len(c.points_lps)).encode())
+            + enc.element(0x30060048, b"IS", str(n).encode())
+            + enc.element(0x30060050, b"DS", text)
+            for n, (c, text) in enumerate(zip(contours, roi_texts), start=1)
+        ]
+        color = "\\".join(str(v) for v in label.color_rgb).encode()
+        rois.append(
+            enc.element(0x3006002A, b"IS", color)
+            + (enc.sequence(0x30060040, items) if items else b"")
+            + enc.element(0x30060084, b"IS", str(number).encode())
+        )
+    # pydicom writes the raw items as they are (and adds the sequence delimiter) when the dataset is
+    # marked as already being in the output encoding (see build_rtstruct).
+    encoded = enc.sequence(0x30060039, rois)
+    header = 8 if implicit else 12
+    ds[0x30060039] = RawDataElement(Tag(0x30060039), "SQ", 0xFFFFFFFF, encoded[header : -len(_SEQUENCE_END)],
+                                    0, implicit, True)
     return implicit
-
-
-def _contour_items(volume: Volume, found: list[Label], traced: list[list[SliceContour]]) -> tuple[list[Dataset], int]:
-    # One reference per slice, shared by every contour on it (pydicom writes a shared item as often as
-    # it appears); building a fresh one per contour was a fifth of the RTSTRUCT's build time.
-    image_refs = [_contour_image(h) for h in volume.headers]
-    items = []
-    longest = 0
-    for number, (label, label_contours) in enumerate(zip(found, traced), start=1):
-        roi = Dataset()
-        roi.ROIDisplayColor = list(label.color_rgb)
-        roi.ReferencedROINumber = number
-        contours = []
-        for n, contour in enumerate(label_contours, start=1):
-            item = Dataset()
-            item.ContourImageSequence = Sequence([image_refs[contour.slice_index]])
-            item.ContourGeometricType = "CLOSED_PLANAR"
-            item.NumberOfContourPoints = len(contour.points_lps)
-            item.ContourNumber = n
-            data = _contour_data(contour.points_lps)
-            longest = max(longest, data.length)
-            item[0x30060050] = data
-            contours.append(item)
-        if contours:
-            roi.ContourSequence = Sequence(contours)
-        items.append(roi)
-    return items, longest
 
 
 def _observations(ds: Dataset, found: list[Label]) -> None:
@@ -207,8 +233,11 @@ def build_rtstruct(result: Result) -> Dataset:
     _patient_and_study(source, ds)
     _series_and_equipment(ds, bundle, uids, provenance)
     _structure_set(ds, volume, found, bundle, provenance)
-    if _roi_contours(ds, volume, labels, found):
+    implicit = _roi_contours(ds, volume, labels, found)
+    if implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     _observations(ds, found)
     ds.ApprovalStatus = "UNAPPROVED"
+    # Written in this encoding: pydicom then copies the pre-encoded ROIContourSequence as it is.
+    ds.set_original_encoding(implicit, True, ds._character_set)
     return ds
