@@ -75,6 +75,10 @@ class Service:
 
     def _recover(self) -> None:
         removed = self.spool.clean_tmp()
+        # A crash while a result was being written leaves its temporary file beside it.
+        for part in self.cfg.results_dir.glob("*/*.part"):
+            part.unlink(missing_ok=True)
+            removed += 1
         reconcile(self.spool, self.index, quiet_period_s=self.cfg.quiet_period_s)
         requeued = requeue_after_crash(self.index)
         if removed or requeued:

@@ -34,7 +34,8 @@ def reconcile(spool: Spool, index: Index, *, quiet_period_s: float) -> int:
                               quiet_period_s=quiet_period_s):
             added += 1
     if added:
-        log.warning("re-indexed %d spooled instance(s) whose index rows were lost", added)
+        log.warning("indexed %d spooled instance(s) that had no index row (stored, then a crash before "
+                    "indexing; never acknowledged, or acknowledged and then lost to a power cut)", added)
     return added
 
 

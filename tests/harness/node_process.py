@@ -56,6 +56,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        offset = self.log_path.stat().st_size  # a restart appends: only this start's lines count
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -63,7 +64,7 @@ class NodeProcess:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the node exited with {self.proc.returncode} at start:\n{self.log_text()}")
-            if "ready:" in self.log_text():
+            if "ready:" in self.log_text()[offset:]:
                 return self
             time.sleep(0.1)
         self.stop()
