@@ -107,7 +107,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from node.assemble.select import SeriesFacts, select_bundles
-    from node.infer.bundle import discover_bundles
+    from node.infer.bundle import Bundle, discover_bundles
+    from node.infer.engine import Engine
     from node.jobs.pipeline import run_job
     from node.jobs.worker import make_engine
     from node.write.provenance import Provenance
@@ -124,8 +125,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out_root = Path(args.output)
     rows: list[tuple[str, str, str, str, str]] = []
     failed = bool(problems)
-    engines = {}
-    work = []
+    engines: dict[str, Engine] = {}
+    work: list[tuple[_SeriesFiles, Bundle]] = []
     for s in series_list:
         chosen, reasons = select_bundles(bundles, SeriesFacts(s.modality, s.sop_class_uid, len(s.paths)))
         if not chosen:

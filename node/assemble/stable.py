@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 
 from node.assemble.select import SeriesFacts, select_bundles
+from node.domain import SeriesState
 from node.infer.bundle import Bundle
 from node.spool.index import Index
-from node.domain import SeriesState
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ class Volume:
 
 def read_series(paths: Sequence[Path]) -> list[Dataset]:
     """Read every file of a series (with pixel data); unreadable files raise VolumeError."""
-    datasets = []
+    datasets: list[Dataset] = []
     for path in paths:
         try:
             ds = dcmread(path)

@@ -14,10 +14,12 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from io import BytesIO
+from typing import cast
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -112,7 +114,8 @@ class Receiver:
         ae.maximum_associations = 32
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         if self.cfg.allowed_calling_aes:
             ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
         return ae
@@ -170,7 +173,7 @@ class Receiver:
             self.index.settle_sooner(series, self.cfg.release_settle_s)
 
     def _on_store(self, event: evt.Event) -> int:
-        req = event.request
+        req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID or "")
         sop_class = str(req.AffectedSOPClassUID or "")
         calling = event.assoc.requestor.ae_title

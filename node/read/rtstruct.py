@@ -121,9 +121,9 @@ def _points(item: Dataset, where: str) -> np.ndarray:
     if value is None:
         parts: list[object] = []
     elif isinstance(value, bytes):
-        parts = value.decode("ascii", "replace").split("\\") if value.strip(b" \0") else []
+        parts = list(value.decode("ascii", "replace").split("\\")) if value.strip(b" \0") else []
     elif isinstance(value, str):
-        parts = value.split("\\") if value.strip() else []
+        parts = list(value.split("\\")) if value.strip() else []
     elif isinstance(value, (int, float)):
         parts = [value]
     else:

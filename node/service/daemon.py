@@ -21,11 +21,11 @@ from typing import IO
 from node.assemble.stable import Assembler
 from node.config import NodeConfig
 from node.dicom.scp import Receiver
+from node.errors import ConfigError
 from node.infer.bundle import discover_bundles
 from node.jobs.worker import WorkerPool, requeue_after_crash
 from node.send.outbox import Sender
 from node.service.sdnotify import notify, watchdog_interval_s
-from node.errors import ConfigError
 from node.spool.index import Index
 from node.spool.recover import reconcile
 from node.spool.store import Spool

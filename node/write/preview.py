@@ -108,6 +108,6 @@ def build_preview_sc(
     )
     sc.BurnedInAnnotation = "YES"
     sc.Laterality = source.get("Laterality", "")  # Type 2C in General Series: present, maybe empty
-    sc.ContentDate = provenance.date
-    sc.ContentTime = provenance.time
+    sc.ContentDate = provenance.date  # type: ignore[assignment]
+    sc.ContentTime = provenance.time  # type: ignore[assignment]
     return sc

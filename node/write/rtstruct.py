@@ -17,14 +17,14 @@ from pydicom import Dataset, Sequence
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Label
 from node.write.contours import mask_contours
-from node.write.result import Result
 from node.write.provenance import MANUFACTURER, Provenance
+from node.write.result import Result
 from node.write.uids import ResultUids
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -222,8 +222,8 @@ def build_rtstruct(result: Result) -> Dataset:
     source = volume.headers[0]
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = uids.rtstruct_instance
+    ds.file_meta.MediaStorageSOPClassUID = UID(RT_STRUCTURE_SET_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uids.rtstruct_instance)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE

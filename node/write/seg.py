@@ -8,16 +8,16 @@ omitted) place the overlay on the right slice. The cost is size, which bit-packi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import highdicom as hd
 import numpy as np
-from pydicom import Dataset, Sequence
+from pydicom import Dataset
 
-from node.assemble.volume import Volume
 from node.errors import WriteError
-from node.infer.bundle import Bundle, Code, Label
+from node.infer.bundle import Code
+from node.write.provenance import MANUFACTURER
 from node.write.result import Result
-from node.write.provenance import MANUFACTURER, Provenance
-from node.write.uids import ResultUids
 
 SEG_SERIES_NUMBER = 9901
 
@@ -26,7 +26,7 @@ def _concept(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def _mark_explicit_little_endian(sequence: Sequence) -> None:
+def _mark_explicit_little_endian(sequence: Iterable[Dataset]) -> None:
     """Tell pydicom the per-frame items are already in the output encoding.
 
     Otherwise it re-checks every element of every item for ambiguous VRs while writing (a third of

@@ -7,10 +7,9 @@ instead of filing a second copy.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import uuid
 
 #: Namespace of this node's name-based UIDs (a fixed random UUID; never change it).
 _NAMESPACE = uuid.UUID("6c1f2a0e-8d4b-4f1e-9a43-3f0c6d2b7e51")
