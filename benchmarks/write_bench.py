@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.assemble.volume import build_volume, read_series  # noqa: E402
 from node.infer.bundle import Code, Label, discover_bundles  # noqa: E402
-from node.write.provenance import Provenance  # noqa: E402
 from node.write.files import write_results  # noqa: E402
+from node.write.provenance import Provenance  # noqa: E402
 from node.write.result import Result  # noqa: E402
 from node.write.uids import ResultUids  # noqa: E402
 from tests.harness.synthetic_ct import write_ct_series  # noqa: E402
