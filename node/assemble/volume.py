@@ -22,6 +22,12 @@ from node.errors import VolumeError
 ORIENTATION_TOLERANCE = 1e-3
 #: Slice spacing may vary by this fraction of the median before the series is refused.
 SPACING_TOLERANCE = 0.1
+#: Largest volume built (≈ 2.4 GiB as float32: a 512×512 CT of 2,300 slices). Larger claims — real or
+#: a header lying about Rows/Columns — are refused before any memory is taken.
+MAX_VOXELS = 600_000_000
+#: No patient is longer or wider than this; a larger extent means broken spacing or positions (and
+#: resampling it to a model's grid would take unbounded memory).
+MAX_EXTENT_MM = 3000.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,12 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         slice_step = slice_spacing * normal
 
     rows, cols = next(iter(sizes))
+    count = len(ordered) * rows * cols
+    if count > MAX_VOXELS:
+        raise VolumeError(
+            f"the series would be {len(ordered)} slices of {rows}×{cols} = {count:,} voxels "
+            f"({count * 4 / 2**30:.1f} GiB as float32); the node handles at most {MAX_VOXELS:,}"
+        )
     voxels = np.empty((len(ordered), rows, cols), dtype=np.float32)
     headers: list[Dataset] = []
     for k, ds in enumerate(ordered):
@@ -202,6 +214,12 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         del header.PixelData
         headers.append(header)
 
+    extents = (len(ordered) * float(slice_spacing), rows * float(pixel_spacing[0]), cols * float(pixel_spacing[1]))
+    if max(extents) > MAX_EXTENT_MM:
+        raise VolumeError(
+            f"the series spans {extents[0]:.0f} × {extents[1]:.0f} × {extents[2]:.0f} mm (slices × rows × columns), "
+            f"more than {MAX_EXTENT_MM:.0f} mm: PixelSpacing {list(pixel_spacing)} or the slice positions are wrong"
+        )
     geometry = Geometry(
         origin=positions[order][0],
         row_dir=row_dir,

@@ -134,3 +134,19 @@ def test_irregular_stack_is_refused(tmp_path: Path) -> None:
     datasets[3].ImagePositionPatient = [ipp[0] + 20.0, ipp[1], ipp[2]]
     with pytest.raises(VolumeError, match="do not form a regular stack"):
         build_volume(datasets)
+
+
+def test_absurd_image_size_is_refused_before_allocating(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    for ds in datasets:
+        ds.Rows = ds.Columns = 65535  # a header that lies: 6 × 65535² voxels would be ~96 GiB
+    with pytest.raises(VolumeError, match="the node handles at most"):
+        build_volume(datasets)
+
+
+def test_implausible_extent_is_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    for ds in datasets:
+        ds.PixelSpacing = [1000.0, 1000.0]  # 32 columns × 1 m: resampling would need ~21,000² voxels
+    with pytest.raises(VolumeError, match="more than 3000 mm"):
+        build_volume(datasets)
