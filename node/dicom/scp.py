@@ -17,7 +17,6 @@ from io import BytesIO
 from typing import cast
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -60,8 +59,10 @@ def read_instance_meta(encoded_file: bytes, *, sop_instance_uid: str, sop_class_
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         ds_class = str(ds.get("SOPClassUID", "") or "")
         ds_instance = str(ds.get("SOPInstanceUID", "") or "")
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, NotImplementedError) as exc:
-        raise HeaderError(f"the dataset of SOP Instance {sop_instance_uid!r} cannot be parsed: {exc}") from exc
+    except Exception as exc:  # pydicom, zlib (deflate), struct: any failure to parse is the peer's data
+        raise HeaderError(
+            f"the dataset of SOP Instance {sop_instance_uid!r} cannot be parsed: {type(exc).__name__}: {exc}"
+        ) from exc
     # A dataset without its own SOPClassUID is not a composite instance: DCMTK's storescu, for one,
     # sends a DICOMDIR under the UIDs of the first image it lists. Accepting it would take that
     # image's UID, and the real image would later be dropped as a duplicate.
@@ -163,8 +164,8 @@ class Receiver:
 
     def _on_rejected(self, event: evt.Event) -> None:
         req = event.assoc.requestor
-        log.warning("association rejected from calling AE %r at %s:%s (not in allowed_calling_aes)",
-                    req.ae_title, req.address, req.port)
+        log.warning("association rejected from calling AE %r at %s:%s (not in allowed_calling_aes, "
+                    "or every association slot is in use)", req.ae_title, req.address, req.port)
 
     def _on_ended(self, event: evt.Event) -> None:
         with self._lock:
