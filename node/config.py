@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class NodeConfig:
     preview_png: bool = False
     preview_sc: bool = False
     source: str = "(embedded defaults)"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spool_dir(self) -> Path:

@@ -79,7 +79,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
                 paths,
                 bundle,
                 engine,
-                cfg.results_dir / f"job-{job.id:08d}",
+                job_result_dir(cfg, job.id),
                 provenance=Provenance.now(cfg.ae_title),
                 write_seg=cfg.write_seg,
                 write_rtstruct=cfg.write_rtstruct,

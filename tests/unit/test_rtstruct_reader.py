@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 from io import BytesIO
 from pathlib import Path
 
@@ -12,22 +11,14 @@ import pytest
 from pydicom import Dataset
 
 from node.assemble.volume import Geometry, Volume, build_volume, read_series
-from node.infer.bundle import discover_bundles
 from node.read import Contour, Roi, StructureSetError, rasterise, read_structure_set
-from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
 from node.write.result import Result
 from node.write.uids import ResultUids
+from tests.harness.writing import BUNDLE, ORIENTATIONS, PROV
 from tests.harness.synthetic_ct import write_ct_series
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "reference"
-BUNDLE = discover_bundles(Path(__file__).resolve().parents[2] / "engines", ("body-threshold",))[0]
-PROV = Provenance(created=dt.datetime(2026, 1, 2, 3, 4, 5))
-ORIENTATIONS = {
-    "axial": (1, 0, 0, 0, 1, 0),
-    "tilted": (1, 0, 0, 0, float(np.cos(np.deg2rad(17))), float(-np.sin(np.deg2rad(17)))),
-    "sagittal": (0, 1, 0, 0, 0, -1),
-}
 
 
 def _reference(*parts: str) -> Path:

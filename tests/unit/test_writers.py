@@ -5,7 +5,6 @@ from __future__ import annotations
 from io import BytesIO
 from pathlib import Path
 
-import datetime as dt
 import highdicom as hd
 import numpy as np
 import pytest
@@ -13,23 +12,15 @@ from pydicom import dcmread
 from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import Volume, build_volume, read_series
-from node.infer.bundle import discover_bundles
 from node.write.contours import mask_contours_px, slice_contours_px
-from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
 from node.write.result import Result, present_labels
 from node.write.seg import build_seg
 from node.write.uids import ResultUids, job_key
 from tests.harness.dcmtk import dciodvfy, tool_missing_reason
+from tests.harness.writing import BUNDLE, ORIENTATIONS, PROV
 from tests.harness.synthetic_ct import body_mask_lps, write_ct_series
 
-BUNDLE = discover_bundles(Path(__file__).resolve().parents[2] / "engines", ("body-threshold",))[0]
-PROV = Provenance(created=dt.datetime(2026, 1, 2, 3, 4, 5))
-ORIENTATIONS = {
-    "axial": (1, 0, 0, 0, 1, 0),
-    "tilted": (1, 0, 0, 0, float(np.cos(np.deg2rad(17))), float(-np.sin(np.deg2rad(17)))),
-    "sagittal": (0, 1, 0, 0, 0, -1),
-}
 
 
 def _case(tmp_path: Path, orientation: tuple[float, ...]) -> tuple[Volume, np.ndarray]:
