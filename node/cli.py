@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from node import __version__
 from node.config import NodeConfig, load_config, parse_destination, with_overrides
-from node.errors import NodeError, Retryable
+from node.errors import Declined, NodeError, Retryable
 
 log = logging.getLogger("node")
 
@@ -125,7 +125,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out_root = Path(args.output)
     rows: list[tuple[str, str, str, str, str]] = []
     failed = bool(problems)
-    engines: dict[str, Engine] = {}
+    engines: dict[str, Engine | None] = {}
     work: list[tuple[_SeriesFiles, Bundle]] = []
     for s in series_list:
         chosen, reasons = select_bundles(bundles, SeriesFacts(s.modality, s.sop_class_uid, len(s.paths)))
@@ -139,7 +139,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
             progress.update(task, description=f"{bundle.name} on {_series_label(s)}")
             started = time.perf_counter()
             try:
-                engine = engines.get(bundle.id) or engines.setdefault(bundle.id, make_engine(bundle, cfg))
+                if bundle.id not in engines:
+                    engines[bundle.id] = make_engine(bundle, cfg)
+                engine = engines[bundle.id]
                 out_dir = out_root / _series_dir(s.series_uid) / bundle.name
                 outcome = run_job(s.paths, bundle, engine, out_dir, provenance=Provenance.now(cfg.ae_title),
                                   write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct,
@@ -147,6 +149,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                   seg_type=cfg.seg_type)
                 result = "ok: " + ", ".join(str(o.path) for o in outcome.objects)
                 structures = ", ".join(outcome.structures)
+            except Declined as exc:  # the model does not apply: said, not a failure
+                result, structures = f"declined: {exc}", "-"
             except NodeError as exc:
                 failed = True
                 result, structures = f"failed: {exc}", "-"

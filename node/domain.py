@@ -18,6 +18,7 @@ class JobState(str, enum.Enum):
     RUNNING = "running"
     DONE = "done"  # results written and queued in the outbox
     FAILED = "failed"  # ended with a recorded reason
+    DECLINED = "declined"  # the bundle does not apply to this series (coverage, anatomy); reason recorded
 
 
 class OutboxState(str, enum.Enum):

@@ -46,3 +46,8 @@ class SendError(Retryable):
 
 class ListenError(Retryable):
     """The listening port cannot be bound (often still held by a previous instance)."""
+
+
+class Declined(Permanent):
+    """A bundle does not apply to this series (coverage, slice thickness, orientation, anatomy):
+    the job ends declined with the reason, which is not a failure of the node."""

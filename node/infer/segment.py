@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from node.assemble.volume import Volume
+from node.errors import BundleError
 from node.infer.bundle import Bundle
+from node.infer.coverage import check_coverage
 from node.infer.engine import Engine
 from node.infer.transforms import labels_on_native_grid, postprocess, to_model_grid
 from node.infer.window import sliding_window
 
 
-def segment_volume(volume: Volume, bundle: Bundle, engine: Engine) -> np.ndarray:
-    """Run ``bundle`` through ``engine`` on ``volume``; return uint8 labels shaped like the volume."""
+def _sliding(volume: Volume, bundle: Bundle, engine: Engine) -> np.ndarray:
     pre = bundle.preprocess
     image = to_model_grid(volume.voxels, volume.geometry.spacing, pre)
     pad_value = (pre.clip[0] + pre.offset) * pre.scale
@@ -25,7 +26,37 @@ def segment_volume(volume: Volume, bundle: Bundle, engine: Engine) -> np.ndarray
         pad_value=pad_value,
     )
     del image
-    labels = labels_on_native_grid(probabilities, volume.geometry.shape)
-    del probabilities
+    return labels_on_native_grid(probabilities, volume.geometry.shape)
+
+
+def _builtin(volume: Volume, bundle: Bundle) -> np.ndarray:
+    if bundle.builtin == "body-lungs":
+        from node.infer.anatomy import segment_body_lungs
+
+        labels = segment_body_lungs(volume.voxels, volume.geometry)
+    else:  # load_bundle only accepts known names
+        raise BundleError(f"bundle {bundle.name}: no built-in algorithm {bundle.builtin!r}")
+    wanted = np.zeros(256, dtype=np.uint8)
+    for label in bundle.labels:
+        wanted[label.value] = label.value
+    return wanted[labels]  # labels the manifest does not list are dropped
+
+
+def segment_volume(volume: Volume, bundle: Bundle, engine: Engine | None) -> np.ndarray:
+    """Run ``bundle`` on ``volume``; return uint8 labels shaped like the volume.
+
+    Raises :class:`node.errors.Declined` when the series is outside the bundle's coverage.
+    """
+    check_coverage(bundle, volume.geometry)
+    if bundle.model_kind == "builtin":
+        labels = _builtin(volume, bundle)
+    elif engine is None:
+        raise BundleError(f"bundle {bundle.name} needs an inference engine and none was given")
+    elif bundle.window.mode == "single-block":
+        from node.infer.block import segment_single_block
+
+        labels = segment_single_block(volume, bundle, engine)
+    else:
+        labels = _sliding(volume, bundle, engine)
     voxel_ml = float(np.prod(volume.geometry.spacing)) / 1000.0
     return postprocess(labels, bundle.postprocess, [label.value for label in bundle.labels], voxel_ml)

@@ -129,3 +129,45 @@ def postprocess(labels: np.ndarray, post: Postprocess, values: list[int], voxel_
         if post.min_volume_ml > 0 and mask.sum() * voxel_ml < post.min_volume_ml:
             labels[mask] = 0
     return labels
+
+
+def _centred_matrix(n_in: int, n_out: int, ratio: float) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation weights between two grids whose first voxels share an edge.
+
+    Output voxel i sits at input coordinate (i + 0.5)·ratio − 0.5 (ratio = output / input spacing),
+    clamped to the input's end voxels. Halving a grid (ratio 2) averages voxel pairs exactly.
+    """
+    x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * ratio - 0.5, 0.0, n_in - 1)
+    lo = np.minimum(np.floor(x).astype(np.int64), max(n_in - 2, 0))
+    w = (x - lo).astype(np.float32)
+    matrix = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    if n_in == 1:
+        matrix[:, 0] = 1.0
+        return matrix
+    matrix[rows, lo] = 1.0 - w
+    matrix[rows, lo + 1] += w
+    return matrix
+
+
+def resample_centred(image: np.ndarray, spacing: tuple[float, float, float], target: tuple[float, float, float],
+                     out_shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Linear resampling of a (D, H, W) volume from ``spacing`` to ``target`` mm, grids edge-aligned.
+
+    Unlike :func:`resample_linear` (end voxel centres aligned), the grids share the outer edge of
+    their first voxel, so going 1.5 mm → 3 mm averages voxel pairs and going back with
+    ``out_shape`` = the original shape lands every voxel where it came from. The default output
+    shape covers the same extent: round(n · spacing / target).
+    """
+    if out_shape is None:
+        out_shape = model_grid_shape(image.shape, spacing, target)  # type: ignore[arg-type]
+    out = np.asarray(image, dtype=np.float32)
+    d, h, w = out.shape
+    if w != out_shape[2] or spacing[2] != target[2]:
+        out = out @ _centred_matrix(w, out_shape[2], target[2] / spacing[2]).T
+    if h != out_shape[1] or spacing[1] != target[1]:
+        out = np.matmul(_centred_matrix(h, out_shape[1], target[1] / spacing[1]), out)
+    if d != out_shape[0] or spacing[0] != target[0]:
+        flat = out.reshape(d, -1)
+        out = (_centred_matrix(d, out_shape[0], target[0] / spacing[0]) @ flat).reshape(out_shape[0], *out.shape[1:])
+    return np.ascontiguousarray(out)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from node.assemble.select import SeriesFacts, why_not
 from node.assemble.volume import Volume, build_volume, read_series
-from node.errors import VolumeError, WriteError
+from node.errors import Declined, VolumeError
 from node.infer.bundle import Bundle
 from node.infer.engine import Engine
 from node.infer.segment import segment_volume
@@ -65,7 +65,7 @@ def check_volume_series(volume: Volume, bundle: Bundle) -> None:
 def run_job(
     paths: Sequence[Path],
     bundle: Bundle,
-    engine: Engine,
+    engine: Engine | None,
     out_dir: Path,
     *,
     provenance: Provenance,
@@ -88,7 +88,8 @@ def run_job(
     watch.lap("infer")
     found = present_labels(labels, bundle)
     if not found:
-        raise WriteError(f"{bundle.name} found none of its structures ({', '.join(l.name for l in bundle.labels)})")
+        raise Declined(f"{bundle.name} found none of its structures ({', '.join(l.name for l in bundle.labels)}) "
+                       "in this series; nothing to write")
     uids = ResultUids.for_job(job_key(series_uid, bundle.id, volume.sop_instance_uids))
     result = Result(volume, labels, bundle, found, uids, provenance)
     objects = write_results(result, out_dir, write_seg=write_seg, write_rtstruct=write_rtstruct, seg_type=seg_type)

@@ -19,7 +19,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from node.config import NodeConfig
-from node.errors import NodeError
+from node.domain import JobState
+from node.errors import Declined, NodeError
 from node.infer.bundle import Bundle, discover_bundles
 from node.infer.engine import Engine
 from node.infer.onnxrt import OnnxRuntimeEngine
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 MAX_JOB_ATTEMPTS = 3
 
 
-def make_engine(bundle: Bundle, cfg: NodeConfig) -> Engine:
-    """The engine for a bundle under the configured backend (CPU: ONNX Runtime)."""
+def make_engine(bundle: Bundle, cfg: NodeConfig) -> Engine | None:
+    """The engine for a bundle under the configured backend (CPU: ONNX Runtime); None for a built-in
+    (rule-based) algorithm, which needs none."""
+    if bundle.model_file is None:
+        return None
     return OnnxRuntimeEngine(
         bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name, threads=cfg.engine_threads
     )
@@ -59,7 +63,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
     cfg = spec.cfg
     index = Index(cfg.index_path)
     bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
-    engines: dict[str, Engine] = {}
+    engines: dict[str, Engine | None] = {}
     destinations = [d.name for d in cfg.destinations]
     while not stop.is_set() and not terminating:
         job = index.claim_job(spec.name)
@@ -73,7 +77,9 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
         started = time.time()
         log.info("job %d: %s on series %s (attempt %d)", job.id, bundle.id, job.series_uid, job.attempts)
         try:
-            engine = engines.get(bundle.id) or engines.setdefault(bundle.id, make_engine(bundle, cfg))
+            if bundle.id not in engines:
+                engines[bundle.id] = make_engine(bundle, cfg)
+            engine = engines[bundle.id]
             paths = index.instance_paths(job.series_uid)
             outcome = run_job(
                 paths,
@@ -87,6 +93,10 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
                 preview_sc=cfg.preview_sc,
                 seg_type=cfg.seg_type,
             )
+        except Declined as exc:
+            log.info("job %d declined: %s", job.id, exc)
+            index.fail_job(job.id, str(exc), state=JobState.DECLINED)
+            continue
         except NodeError as exc:
             log.error("job %d failed: %s", job.id, exc)
             index.fail_job(job.id, str(exc))

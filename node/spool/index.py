@@ -279,12 +279,14 @@ class Index:
                     (job_id, destination, str(path), sop_uid, sop_class, OutboxState.PENDING.value, now),
                 )
 
-    def fail_job(self, job_id: int, error: str, now: float | None = None) -> None:
+    def fail_job(self, job_id: int, error: str, now: float | None = None,
+                 state: JobState = JobState.FAILED) -> None:
+        """End a job failed (or ``state=DECLINED``: the bundle does not apply) with its reason."""
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET state=?, error=?, updated=? WHERE id=?",
-                (JobState.FAILED.value, error, now, job_id),
+                (state.value, error, now, job_id),
             )
 
     def requeue_running(self, *, worker: str | None = None, max_attempts: int, reason: str) -> list[int]:

@@ -28,6 +28,7 @@ class NodeProcess:
         quiet_period_s: float = 5.0,
         release_settle_s: float = 1.0,
         extra_toml: str = "",  # appended after the [send] table: [send] keys, or further tables
+        bundles: tuple[str, ...] = ("body-threshold",),  # the fast test model; () = the node's defaults
         port: int | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
@@ -40,8 +41,11 @@ class NodeProcess:
         self.log_path = workdir / "node.log"
         self.startup_timeout = startup_timeout
         workdir.mkdir(parents=True, exist_ok=True)
+        engines = ""
+        if bundles and "[engines]" not in extra_toml:
+            engines = "[engines]\nbundles = [" + ", ".join(f'"{b}"' for b in bundles) + "]\n"
         self.config_path.write_text(
-            f"[assemble]\nquiet_period_s = {quiet_period_s}\nrelease_settle_s = {release_settle_s}\n"
+            f"{engines}[assemble]\nquiet_period_s = {quiet_period_s}\nrelease_settle_s = {release_settle_s}\n"
             f"[send]\nbackoff_initial_s = 1.0\n{extra_toml}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None

@@ -19,7 +19,8 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def run_segment(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node", "segment", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "node", "segment", "--bundle", "body-threshold", *args], cwd=REPO,
+                          capture_output=True,
                           text=True, timeout=300)
 
 

@@ -128,7 +128,8 @@ def _prepare_ct(name: str, tmp_path: Path) -> Path:
 
 
 def _run_pipeline(ct_dir: Path, out: Path) -> tuple[Path, Path]:
-    proc = subprocess.run([sys.executable, "-m", "node", "segment", str(ct_dir), "-o", str(out)], cwd=REPO,
+    command = [sys.executable, "-m", "node", "segment", "--bundle", "body-threshold", str(ct_dir), "-o", str(out)]
+    proc = subprocess.run(command, cwd=REPO,
                           capture_output=True, text=True, timeout=SEGMENT_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     segs, rtss = sorted(out.rglob("SEG_*.dcm")), sorted(out.rglob("RTSTRUCT_*.dcm"))
