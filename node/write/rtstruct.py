@@ -9,20 +9,23 @@ lists every source image.
 from __future__ import annotations
 
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from pydicom import Dataset, Sequence
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
-from pydicom.tag import Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Label
 from node.write.contours import mask_contours
+from node.write.encoding import Encoder, raw_sequence
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.result import Result
 from node.write.uids import ResultUids
@@ -129,38 +132,6 @@ def _contour_text(values: np.ndarray) -> bytes:
 #: system reads, rather than letting the element degrade to VR UN.
 MAX_EXPLICIT_LENGTH = 0xFFFE
 
-_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
-_ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
-_SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
-
-
-class _Encoder:
-    """Encodes the few element kinds of ROIContourSequence straight to bytes (little endian).
-
-    The sequence holds thousands of items; building them as pydicom Datasets and letting pydicom
-    write them took most of the RTSTRUCT's writing time. Explicit or implicit VR, undefined-length
-    sequences and items, as pydicom itself writes them.
-    """
-
-    def __init__(self, implicit: bool) -> None:
-        self.implicit = implicit
-
-    def element(self, tag: int, vr: bytes, value: bytes) -> bytes:
-        if len(value) % 2:
-            value += b"\0" if vr == b"UI" else b" "
-        group, elem = tag >> 16, tag & 0xFFFF
-        if self.implicit:
-            return struct.pack("<HHI", group, elem, len(value)) + value
-        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-    def sequence(self, tag: int, items: list[bytes]) -> bytes:
-        group, elem = tag >> 16, tag & 0xFFFF
-        if self.implicit:
-            head = struct.pack("<HHI", group, elem, 0xFFFFFFFF)
-        else:
-            head = struct.pack("<HH2sHI", group, elem, b"SQ", 0, 0xFFFFFFFF)
-        return head + b"".join(_ITEM + item + _ITEM_END for item in items) + _SEQUENCE_END
-
 
 def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[Label]) -> bool:
     """Set ROIContourSequence (pre-encoded); return True when the object must be written in Implicit VR."""
@@ -169,7 +140,8 @@ def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[L
         traced = list(pool.map(lambda label: mask_contours(labels == label.value, volume.geometry), found))
     texts = [[_contour_text(c.points_lps) for c in contours] for contours in traced]
     implicit = max((len(t) for roi in texts for t in roi), default=0) > MAX_EXPLICIT_LENGTH
-    enc = _Encoder(implicit)
+    # ROIContourSequence holds thousands of items: encoded straight to bytes (node.write.encoding).
+    enc = Encoder(implicit)
     # One encoded image reference per slice, shared by every contour on that slice.
     image_refs = [
         enc.sequence(0x30060016, [enc.element(0x00081150, b"UI", str(h.SOPClassUID).encode())
@@ -195,10 +167,7 @@ def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[L
         )
     # pydicom writes the raw items as they are (and adds the sequence delimiter) when the dataset is
     # marked as already being in the output encoding (see build_rtstruct).
-    encoded = enc.sequence(0x30060039, rois)
-    header = 8 if implicit else 12
-    ds[0x30060039] = RawDataElement(Tag(0x30060039), "SQ", 0xFFFFFFFF, encoded[header : -len(_SEQUENCE_END)],
-                                    0, implicit, True)
+    ds[0x30060039] = raw_sequence(0x30060039, rois, implicit=implicit)
     return implicit
 
 

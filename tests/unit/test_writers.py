@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from io import BytesIO
 from pathlib import Path
 
@@ -12,15 +13,16 @@ from pydicom import dcmread
 from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import Volume, build_volume, read_series
+from node.infer.bundle import Bundle, Code, Label
+from node.write import seg as seg_module
 from node.write.contours import mask_contours_px, slice_contours_px
-from node.write.rtstruct import build_rtstruct
 from node.write.result import Result, present_labels
-from node.write.seg import build_seg
+from node.write.rtstruct import build_rtstruct
+from node.write.seg import build_seg, build_seg_highdicom
 from node.write.uids import ResultUids, job_key
 from tests.harness.dcmtk import dciodvfy, tool_missing_reason
-from tests.harness.writing import BUNDLE, ORIENTATIONS, PROV
 from tests.harness.synthetic_ct import body_mask_lps, write_ct_series
-
+from tests.harness.writing import BUNDLE, ORIENTATIONS, PROV
 
 
 def _case(tmp_path: Path, orientation: tuple[float, ...]) -> tuple[Volume, np.ndarray]:
@@ -57,6 +59,83 @@ def test_seg_reads_back_to_exactly_the_labels(tmp_path: Path, name: str, seg_typ
     if seg_type == "BINARY" and not tool_missing_reason("dciodvfy"):
         report = dciodvfy(path)
         assert report.ok, report.errors
+
+
+def _comparable(data: bytes):  # type: ignore[no-untyped-def]
+    """A written SEG read back, without what differs on every build (random UIDs, time stamps)."""
+    ds = dcmread(BytesIO(data))
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        delattr(ds, keyword)
+    for item in ds.ContributingEquipmentSequence:
+        item.pop("ContributionDateTime", None)
+    for item in [*ds.DimensionOrganizationSequence, *ds.DimensionIndexSequence]:
+        del item.DimensionOrganizationUID
+    for item in ds.SegmentSequence:
+        item.pop("TrackingUID", None)
+    return ds
+
+
+def _three_structures(volume: Volume, body: np.ndarray) -> tuple[Bundle, np.ndarray]:
+    anatomy = Code("SCT", "123037004", "Anatomical Structure")
+    bundle = dataclasses.replace(BUNDLE, labels=(
+        BUNDLE.labels[0],
+        Label(2, "Lung_L", anatomy, Code("SCT", "44029006", "Left lung"), (0, 128, 255), "ORGAN"),
+        Label(3, "Spine", anatomy, Code("SCT", "421060004", "Spinal column"), (255, 255, 0), "ORGAN"),
+    ))
+    labels = body.copy()
+    labels[(volume.voxels < -600) & (body > 0)] = 2
+    labels[volume.voxels > 500] = 3
+    return bundle, labels
+
+
+@pytest.mark.parametrize("structures", [1, 3])
+@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+@pytest.mark.parametrize("name", sorted(ORIENTATIONS))
+def test_seg_is_what_highdicom_builds_for_the_whole_series(
+    tmp_path: Path, name: str, seg_type: str, structures: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """build_seg writes the frames itself (highdicom builds a two-slice template): same object, every element."""
+    volume, body = _case(tmp_path, ORIENTATIONS[name])
+    bundle, labels = _three_structures(volume, body) if structures == 3 else (BUNDLE, body)
+    result = Result.of(volume, labels, bundle, ResultUids.for_job("same"), PROV)
+    assert len(result.found) == structures
+    with caplog.at_level("WARNING", logger="node.write.seg"):
+        fast = _save(build_seg(result, seg_type=seg_type))
+    assert not caplog.records, "the fast path fell back to highdicom: " + caplog.text
+    reference = _save(build_seg_highdicom(result, seg_type=seg_type))
+    assert _comparable(fast) == _comparable(reference)
+
+
+@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+@pytest.mark.parametrize("slices", [1, 2, 3, 9])
+def test_seg_of_odd_sized_frames_and_short_series(tmp_path: Path, slices: int, seg_type: str) -> None:
+    """13×11 frames do not fill whole bytes: BINARY bits run on across frame and segment boundaries."""
+    series = write_ct_series(tmp_path, slices=slices, rows=13, columns=11, pixel_spacing=(30.0, 30.0),
+                             slice_thickness=7.0, noise_hu=0)
+    volume = build_volume(read_series(series.files))
+    rng = np.random.default_rng(slices)
+    labels = rng.integers(0, 4, size=volume.geometry.shape, dtype=np.uint8)
+    bundle, _ = _three_structures(volume, labels)
+    result = Result.of(volume, labels, bundle, ResultUids.for_job("odd"), PROV)
+    fast = _save(build_seg(result, seg_type=seg_type))
+    assert _comparable(fast) == _comparable(_save(build_seg_highdicom(result, seg_type=seg_type)))
+    parsed = hd.seg.segread(BytesIO(fast))
+    back = parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True)
+    assert np.array_equal(back, labels)
+
+
+def test_seg_falls_back_to_highdicom_when_its_template_disagrees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    volume, labels = _case(tmp_path, ORIENTATIONS["axial"])
+    result = Result.of(volume, labels, BUNDLE, ResultUids.for_job("fallback"), PROV)
+    real = seg_module._pixel_data
+    monkeypatch.setattr(seg_module, "_pixel_data", lambda *args: real(*args)[::-1])  # as if highdicom packed differently
+    with caplog.at_level("WARNING", logger="node.write.seg"):
+        seg = build_seg(result)
+    assert "PixelData differs from highdicom's" in caplog.text
+    parsed = hd.seg.segread(BytesIO(_save(seg)))
+    assert np.array_equal(parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True), labels)
 
 
 def _rasterise(volume: Volume, rt) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -163,20 +242,8 @@ def test_contour_data_over_64_kib_switches_to_implicit_vr(tmp_path: Path) -> Non
 
 
 def test_several_structures_go_into_one_seg_and_one_rtstruct(tmp_path: Path) -> None:
-    import dataclasses
-
-    from node.infer.bundle import Code, Label
-
-    anatomy = Code("SCT", "123037004", "Anatomical Structure")
-    bundle = dataclasses.replace(BUNDLE, labels=(
-        BUNDLE.labels[0],
-        Label(2, "Lung_L", anatomy, Code("SCT", "44029006", "Left lung"), (0, 128, 255), "ORGAN"),
-        Label(3, "Spine", anatomy, Code("SCT", "421060004", "Spinal column"), (255, 255, 0), "ORGAN"),
-    ))
     volume, body = _case(tmp_path, ORIENTATIONS["tilted"])
-    labels = body.copy()
-    labels[(volume.voxels < -600) & (body > 0)] = 2
-    labels[volume.voxels > 500] = 3
+    bundle, labels = _three_structures(volume, body)
     found = present_labels(labels, bundle)
     assert [label.name for label in found] == ["BODY", "Lung_L", "Spine"]
     uids = ResultUids.for_job("multi")
