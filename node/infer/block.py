@@ -23,7 +23,7 @@ from node.infer.crop import abdomen_box
 from node.infer.engine import Engine
 from node.infer.median import median3
 from node.infer.orient import Reorientation, reorientation
-from node.infer.transforms import normalise, resample_centred
+from node.infer.transforms import mask_to_grid, normalise, resample_centred
 
 _IDENTITY = Reorientation(permutation=(0, 1, 2), flips=(False, False, False), obliquity_deg=0.0)
 
@@ -101,9 +101,11 @@ def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.n
         found = abdomen_box(hu, spacing, pre.crop_max_mm)
         check_body_width(bundle, found.body_width_mm)
         box = found.box
-    crop = np.ascontiguousarray(hu[box], dtype=np.float32)
+    crop = hu[box]  # a view: the first resampling step makes the (smaller) copy
+    crop_shape: tuple[int, int, int] = crop.shape  # type: ignore[assignment]
 
     image, image_spacing = crop, spacing
+    del crop
     if pre.intermediate_spacing_mm is not None:
         image = resample_centred(image, image_spacing, pre.intermediate_spacing_mm)
         image_spacing = pre.intermediate_spacing_mm
@@ -118,8 +120,10 @@ def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.n
     if output.ndim != 5 or output.shape[0] != 1:
         raise InferenceError(f"{engine.name} returned shape {output.shape}; expected (1, K, D, H, W)")
     probabilities = image_probabilities(output[0], image.shape, win.block, win.output_margin)  # type: ignore[arg-type]
+    del output
 
-    labels_crop = np.zeros(crop.shape, dtype=np.uint8)
+    del image
+    labels_crop = np.zeros(crop_shape, dtype=np.uint8)
     if bundle.activation == "sigmoid":
         channels = [(label.value, probabilities[i] > post.threshold) for i, label in enumerate(bundle.labels)]
     else:
@@ -128,7 +132,7 @@ def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.n
     for value, mask in channels:
         if post.open_model_grid and mask.any():
             mask = _open_keep_largest(mask)
-        native = resample_centred(mask.astype(np.float32), pre.spacing_mm, spacing, out_shape=crop.shape) > 0.5  # type: ignore[arg-type]
+        native = mask_to_grid(mask, pre.spacing_mm, spacing, crop_shape)
         labels_crop[native & (labels_crop == 0)] = value
 
     labels = np.zeros(hu.shape, dtype=np.uint8)

@@ -131,23 +131,36 @@ def postprocess(labels: np.ndarray, post: Postprocess, values: list[int], voxel_
     return labels
 
 
-def _centred_matrix(n_in: int, n_out: int, ratio: float) -> np.ndarray:
-    """(n_out, n_in) linear-interpolation weights between two grids whose first voxels share an edge.
-
-    Output voxel i sits at input coordinate (i + 0.5)·ratio − 0.5 (ratio = output / input spacing),
-    clamped to the input's end voxels. Halving a grid (ratio 2) averages voxel pairs exactly.
-    """
+def _centred_weights(n_in: int, n_out: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower neighbour and its weight's complement for linear interpolation between two grids whose
+    first voxels share an edge: output voxel i sits at input coordinate (i + 0.5)·ratio − 0.5
+    (ratio = output / input spacing), clamped to the input's end voxels. Halving a grid (ratio 2)
+    averages voxel pairs exactly."""
     x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * ratio - 0.5, 0.0, n_in - 1)
     lo = np.minimum(np.floor(x).astype(np.int64), max(n_in - 2, 0))
-    w = (x - lo).astype(np.float32)
-    matrix = np.zeros((n_out, n_in), dtype=np.float32)
-    rows = np.arange(n_out)
+    return lo, (x - lo).astype(np.float32)
+
+
+def _lerp_axis(image: np.ndarray, axis: int, n_out: int, ratio: float) -> np.ndarray:
+    n_in = image.shape[axis]
     if n_in == 1:
-        matrix[:, 0] = 1.0
-        return matrix
-    matrix[rows, lo] = 1.0 - w
-    matrix[rows, lo + 1] += w
-    return matrix
+        return np.repeat(image, n_out, axis=axis)
+    lo, w = _centred_weights(n_in, n_out, ratio)
+    return _blend(image, axis, lo, w)
+
+
+def _blend(image: np.ndarray, axis: int, lo: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """image[lo]·(1 − w) + image[lo + 1]·w along ``axis``."""
+    n_out = len(lo)
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    w = w.reshape(shape)
+    low = np.take(image, lo, axis=axis)
+    high = np.take(image, lo + 1, axis=axis)
+    high -= low
+    high *= w
+    low += high
+    return low
 
 
 def resample_centred(image: np.ndarray, spacing: tuple[float, float, float], target: tuple[float, float, float],
@@ -157,17 +170,46 @@ def resample_centred(image: np.ndarray, spacing: tuple[float, float, float], tar
     Unlike :func:`resample_linear` (end voxel centres aligned), the grids share the outer edge of
     their first voxel, so going 1.5 mm → 3 mm averages voxel pairs and going back with
     ``out_shape`` = the original shape lands every voxel where it came from. The default output
-    shape covers the same extent: round(n · spacing / target).
+    shape covers the same extent: round(n · spacing / target). Each axis is two gathers and a
+    blend (memory-bound, O(output)), shrinking axes first so the large arrays are made last.
     """
     if out_shape is None:
         out_shape = model_grid_shape(image.shape, spacing, target)  # type: ignore[arg-type]
     out = np.asarray(image, dtype=np.float32)
-    d, h, w = out.shape
-    if w != out_shape[2] or spacing[2] != target[2]:
-        out = out @ _centred_matrix(w, out_shape[2], target[2] / spacing[2]).T
-    if h != out_shape[1] or spacing[1] != target[1]:
-        out = np.matmul(_centred_matrix(h, out_shape[1], target[1] / spacing[1]), out)
-    if d != out_shape[0] or spacing[0] != target[0]:
-        flat = out.reshape(d, -1)
-        out = (_centred_matrix(d, out_shape[0], target[0] / spacing[0]) @ flat).reshape(out_shape[0], *out.shape[1:])
+    order = sorted(range(3), key=lambda a: out_shape[a] / out.shape[a])  # most shrinking first
+    for axis in order:
+        if out.shape[axis] != out_shape[axis] or spacing[axis] != target[axis]:
+            out = _lerp_axis(out, axis, out_shape[axis], target[axis] / spacing[axis])
     return np.ascontiguousarray(out)
+
+
+def mask_to_grid(mask: np.ndarray, spacing: tuple[float, float, float], target: tuple[float, float, float],
+                 out_shape: tuple[int, int, int]) -> np.ndarray:
+    """A boolean mask on an edge-aligned coarser grid → boolean mask on the ``target`` grid of
+    ``out_shape`` (linear interpolation, > 0.5), computed only over the mask's bounding box: an organ
+    fills a small part of a CT, and upsampling the whole grid would make hundreds of MB of zeros."""
+    out = np.zeros(out_shape, dtype=bool)
+    if not mask.any():
+        return out
+    image = mask.astype(np.float32)
+    region = []
+    for axis in range(3):
+        n_in, n_out = mask.shape[axis], out_shape[axis]
+        lo, w = _centred_weights(n_in, n_out, target[axis] / spacing[axis])
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        first, last = int(hits[0]), int(hits[-1])
+        # Output voxels that can see a mask voxel: their lower neighbour is within [first − 1, last].
+        keep = np.flatnonzero((lo >= first - 1) & (lo <= last))
+        start, stop = int(keep[0]), int(keep[-1]) + 1
+        base = max(0, first - 1)
+        end = min(n_in, last + 2)
+        sub_lo = np.clip(lo[start:stop] - base, 0, max(end - base - 2, 0))
+        sub_w = np.where(lo[start:stop] - base == sub_lo, w[start:stop], np.where(lo[start:stop] < base, 0.0, 1.0))
+        image = np.take(image, np.arange(base, end), axis=axis)
+        if end - base == 1:
+            image = np.repeat(image, stop - start, axis=axis)
+        else:
+            image = _blend(image, axis, sub_lo, sub_w.astype(np.float32))
+        region.append(slice(start, stop))
+    out[tuple(region)] = image > 0.5
+    return out

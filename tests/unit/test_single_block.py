@@ -19,7 +19,7 @@ from node.infer.coverage import check_coverage
 from node.infer.crop import abdomen_box
 from node.infer.median import median3
 from node.infer.orient import reorientation
-from node.infer.transforms import resample_centred
+from node.infer.transforms import mask_to_grid, resample_centred
 
 ENGINES = Path(__file__).resolve().parents[2] / "engines"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -89,6 +89,19 @@ def test_edge_aligned_resampling_halves_by_averaging_and_returns_home() -> None:
     there = resample_centred(ramp, (1.0, 1.0, 1.0), (2.5, 1.0, 1.0))
     back = resample_centred(there, (2.5, 1.0, 1.0), (1.0, 1.0, 1.0), out_shape=ramp.shape)
     assert np.allclose(back[3:-3], ramp[3:-3], atol=1e-4)
+
+
+def test_mask_upsampling_over_its_bounding_box_equals_the_full_resampling() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        mask = np.zeros((20, 24, 22), dtype=bool)
+        a = rng.integers(0, 15, 3)
+        b = np.minimum(a + rng.integers(1, 8, 3), mask.shape)
+        mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = rng.random(tuple(b - a)) > 0.3
+        target = tuple(float(t) for t in rng.uniform(0.5, 2.9, 3))
+        shape = tuple(int(round(n * 3.0 / t)) for n, t in zip(mask.shape, target))
+        full = resample_centred(mask.astype(np.float32), (3.0, 3.0, 3.0), target, out_shape=shape) > 0.5  # type: ignore[arg-type]
+        assert np.array_equal(mask_to_grid(mask, (3.0, 3.0, 3.0), target, shape), full)  # type: ignore[arg-type]
 
 
 def test_block_placement_and_output_mapping_are_inverse() -> None:
