@@ -47,6 +47,9 @@ class Label:
     type: Code
     color_rgb: tuple[int, int, int]
     rt_roi_type: str
+    #: Other label values whose voxels also belong to this structure (BODY includes the lungs): the
+    #: label volume holds each voxel's innermost structure, the writers give every structure its own mask.
+    includes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ def _labels(raw_labels: list[Any], where: str) -> tuple[Label, ...]:
                 type=_code(lr.req("type", dict), f"{lw}.type"),
                 color_rgb=(color[0], color[1], color[2]),
                 rt_roi_type=rt_type,
+                includes=tuple(lr.opt("includes", list, [])),
             )
         )
     if not labels:
@@ -226,6 +230,10 @@ def _labels(raw_labels: list[Any], where: str) -> tuple[Label, ...]:
     values = [label.value for label in labels]
     if len(set(values)) != len(values) or min(values) < 1 or max(values) > 255:
         raise BundleError(f"{where}: label values must be unique integers 1-255; got {values}")
+    for label in labels:
+        unknown = [v for v in label.includes if v not in values or v == label.value]
+        if unknown:
+            raise BundleError(f"{where}: label {label.name} includes {unknown}, which are not other labels' values")
     return tuple(labels)
 
 

@@ -14,9 +14,16 @@ from node.write.uids import ResultUids
 
 
 def present_labels(labels: np.ndarray, bundle: Bundle) -> list[Label]:
-    """The bundle's labels that occur in ``labels``, in manifest order."""
-    counts = np.bincount(labels.ravel(), minlength=max(label.value for label in bundle.labels) + 1)
-    return [label for label in bundle.labels if counts[label.value] > 0]
+    """The bundle's labels that occur in ``labels`` (themselves or a label they include), in manifest order."""
+    counts = np.bincount(labels.ravel(), minlength=256)
+    return [label for label in bundle.labels if counts[[label.value, *label.includes]].sum() > 0]
+
+
+def label_mask(labels: np.ndarray, label: Label) -> np.ndarray:
+    """Boolean mask of ``label``: its own voxels and those of the labels it includes (BODY ⊃ lungs)."""
+    if not label.includes:
+        return labels == label.value
+    return np.isin(labels, (label.value, *label.includes))
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,15 @@ class Result:
             )
         if not self.found:
             raise WriteError("no structure was found, so there is nothing to write")
+
+    @property
+    def overlapping(self) -> bool:
+        """True when some structure includes another's voxels (segments overlap)."""
+        return any(label.includes for label in self.found)
+
+    def mask(self, label: Label) -> np.ndarray:
+        """Boolean mask of one structure on the image grid (overlapping structures included)."""
+        return label_mask(self.labels, label)
 
     @classmethod
     def of(cls, volume: Volume, labels: np.ndarray, bundle: Bundle, uids: ResultUids,
