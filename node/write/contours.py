@@ -10,8 +10,11 @@ inner contour into a hole. Where two pixels touch only at a corner they belong t
 
 The tracing is vectorised over the whole stack: every boundary pixel edge of every slice becomes a
 directed edge (inside on its right), each edge is linked to the edge leaving its end corner, and
-the cycles are ordered by pointer jumping — no per-pixel Python, which made contouring 4 structures
-on a 512×512×300 CT take ~2 s with scikit-image's per-slice tracing.
+the cycles are walked by scipy's depth-first traversal (C) from a root linked to each cycle's
+smallest edge; collinear points, degenerate contours and the conversion to patient coordinates are
+done for all contours at once — no per-pixel or per-contour Python, which made contouring 4
+structures on a 512×512×300 CT take ~2 s with scikit-image's per-slice tracing (and ~1 s with
+per-contour numpy calls and pointer jumping).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components, depth_first_order
 
 from node.assemble.volume import Geometry
 
@@ -35,28 +40,6 @@ class SliceContour:
     points_lps: np.ndarray  # (n, 3) mm, n >= 3, not repeating the first point
 
 
-def _polygon_area(rc: np.ndarray) -> float:
-    r, c = rc[:, 0], rc[:, 1]
-    return 0.5 * abs(float(np.dot(r, np.roll(c, -1)) - np.dot(c, np.roll(r, -1))))
-
-
-def drop_collinear(points: np.ndarray) -> np.ndarray:
-    """Remove points that lie on the straight line through their neighbours (exact: no shape change).
-
-    Marching squares puts a point on every pixel edge it crosses, so straight runs carry one point
-    per pixel; dropping them shrinks ContourData several-fold without moving the outline.
-    """
-    if len(points) <= 3:
-        return points
-    back = points - np.roll(points, 1, axis=0)
-    ahead = np.roll(points, -1, axis=0) - points
-    cross = back[:, 0] * ahead[:, 1] - back[:, 1] * ahead[:, 0]
-    dot = (back * ahead).sum(axis=1)
-    # Straight continuation only (dot > 0): a reversal would be a spike tip, which is kept.
-    # Runs of collinear points all go at once: the line through the run's end points is the same.
-    return points[~((np.abs(cross) < 1e-9) & (dot > 0))]
-
-
 def _boundary_edges(mask: np.ndarray) -> tuple[np.ndarray, ...]:
     """Directed boundary edges of every slice: (slice, start corner, end corner, direction, midpoint).
 
@@ -65,13 +48,20 @@ def _boundary_edges(mask: np.ndarray) -> tuple[np.ndarray, ...]:
     k_count, rows, cols = mask.shape
     padded = np.zeros((k_count, rows + 2, cols + 2), dtype=bool)
     padded[:, 1:-1, 1:-1] = mask
+    # Transitions along the flattened padded stack: the padding rows and columns are never inside, so
+    # neighbours in the flat array that straddle a row or slice end never differ. np.flatnonzero on
+    # the flat array is several times faster than np.nonzero on 3D arrays, and gives the same order.
+    flat = padded.ravel()
+    padded_width = cols + 2
+    per_padded_slice = (rows + 2) * padded_width
     width = cols + 3
     per_slice = (rows + 3) * width
 
     # Vertical edges on corner column c = j + 1, between pixels (i, j) and (i, j + 1).
-    left, right = padded[:, :, :-1], padded[:, :, 1:]
-    k1, i1, j1 = np.nonzero(left != right)
-    right_inside = right[k1, i1, j1]
+    p = np.flatnonzero(flat[:-1] != flat[1:])
+    right_inside = flat[p + 1]
+    k1, within = np.divmod(p, per_padded_slice)
+    i1, j1 = np.divmod(within, padded_width)
     c1 = j1 + 1
     top = k1 * per_slice + i1 * width + c1
     bottom = top + width
@@ -81,9 +71,10 @@ def _boundary_edges(mask: np.ndarray) -> tuple[np.ndarray, ...]:
     mid_v = np.column_stack([i1 + 0.5, c1.astype(np.float64)])
 
     # Horizontal edges on corner row r = i + 1, between pixels (i, j) and (i + 1, j).
-    upper, lower = padded[:, :-1, :], padded[:, 1:, :]
-    k2, i2, j2 = np.nonzero(upper != lower)
-    lower_inside = lower[k2, i2, j2]
+    q = np.flatnonzero(flat[:-padded_width] != flat[padded_width:])
+    lower_inside = flat[q + padded_width]
+    k2, within = np.divmod(q, per_padded_slice)
+    i2, j2 = np.divmod(within, padded_width)
     r2 = i2 + 1
     west = k2 * per_slice + r2 * width + j2
     east = west + 1
@@ -116,35 +107,87 @@ def _link(start: np.ndarray, end: np.ndarray, direction: np.ndarray) -> np.ndarr
     return nxt
 
 
-def _order_cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cycle representative (its smallest edge) and the traversal order of all edges, by pointer jumping."""
+def _cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All edges in traversal order, cycle after cycle, and where each cycle starts in that order.
+
+    Each cycle starts at its smallest edge and cycles come in the order of those edges. ``nxt`` is a
+    permutation, so its cycles are the weakly connected components; a depth-first walk from an extra
+    root node linked to each component's smallest edge (in increasing order) walks one whole cycle
+    per root child.
+    """
     n = len(nxt)
-    rep = np.arange(n)
-    jump = nxt.copy()
-    steps = 1
-    while steps < n:
-        # While some cycle is longer than the window, some edge's minimum still changes (the one
-        # whose window ends just before its cycle's minimum), so "no change" means converged.
-        smaller = rep[jump]
-        if not (smaller < rep).any():
-            break
-        np.minimum(rep, smaller, out=rep)
-        jump = jump[jump]
-        steps *= 2
-    # Break every cycle before its representative, then rank edges by distance to the break.
-    succ = nxt.copy()
-    terminal = nxt == rep  # the edge whose successor is its cycle's representative
-    succ[terminal] = np.flatnonzero(terminal)
-    rank = (~terminal).astype(np.int64)
-    steps = 1
-    while steps < n:
-        ahead = succ[succ]
-        if np.array_equal(ahead, succ):  # every pointer has reached its cycle's break
-            break
-        rank += rank[succ]
-        succ = ahead
-        steps *= 2
-    return rep, np.lexsort((-rank, rep))
+    graph = csr_matrix((np.ones(n, dtype=np.int8), nxt, np.arange(n + 1)), shape=(n, n))
+    count, component = connected_components(graph, directed=True, connection="weak")
+    smallest = np.full(count, n, dtype=np.int64)
+    np.minimum.at(smallest, component, np.arange(n))
+    smallest.sort()
+    rooted = csr_matrix(
+        (np.ones(n + count, dtype=np.int8), np.concatenate([nxt, smallest]), np.append(np.arange(n + 1), n + count)),
+        shape=(n + 1, n + 1),
+    )
+    order = depth_first_order(rooted, n, directed=True, return_predecessors=False)[1:]
+    starts = np.flatnonzero(np.isin(order, smallest, assume_unique=True))
+    if len(order) != n or len(starts) != count or (len(starts) and starts[0] != 0):
+        raise AssertionError(f"contour tracing walked {len(order)} of {n} edges in {len(starts)} of {count} cycles")
+    return order, starts
+
+
+def _next_in_cycle(starts: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For points stored cycle after cycle (cycle i from ``starts[i]``): cycle index, next and previous point."""
+    lengths = np.diff(np.append(starts, total))
+    cycle = np.repeat(np.arange(len(starts)), lengths)
+    first = starts[cycle]
+    last = first + lengths[cycle] - 1
+    index = np.arange(total)
+    return cycle, np.where(index == last, first, index + 1), np.where(index == first, last, index - 1)
+
+
+def _trace(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contours of a (slices, rows, cols) mask: slice of each, start offsets (one extra at the end) and
+    (n, 2) row/col points, contour after contour, in slice order."""
+    empty = (np.empty(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.empty((0, 2)))
+    layers = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+    if layers.size == 0:
+        return empty
+    k0 = layers[0]
+    footprint = np.asarray(mask[k0 : layers[-1] + 1].any(axis=0))  # rows × columns
+    occupied, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    r0, c0 = occupied[0], columns[0]
+    crop = mask[k0 : layers[-1] + 1, r0 : occupied[-1] + 1, c0 : columns[-1] + 1]  # work on the bounding box
+    slices, start, end, direction, mid = _boundary_edges(crop)
+    order, starts = _cycles(_link(start, end, direction))
+    points = mid[order] + np.array([r0, c0], dtype=np.float64)
+    contour_slice = slices[order[starts]] + k0
+
+    # Drop points on the straight line through their neighbours (exact: no shape change). Marching
+    # squares puts a point on every pixel edge it crosses, so straight runs carry one point per pixel;
+    # dropping them shrinks ContourData several-fold without moving the outline. Straight
+    # continuation only (dot > 0): a reversal would be a spike tip, which is kept. Runs of collinear
+    # points all go at once: the line through the run's end points is the same. Contours of at most
+    # 3 points keep them all.
+    cycle, after, before = _next_in_cycle(starts, len(points))
+    back = points - points[before]
+    ahead = points[after] - points
+    cross = back[:, 0] * ahead[:, 1] - back[:, 1] * ahead[:, 0]
+    dot = (back * ahead).sum(axis=1)
+    lengths = np.diff(np.append(starts, len(points)))
+    keep = ~((np.abs(cross) < 1e-9) & (dot > 0) & (lengths[cycle] > 3))
+    points, cycle = points[keep], cycle[keep]
+
+    # Shoelace area of what is left (exact: coordinates are multiples of 0.5); drop degenerate contours.
+    kept = np.bincount(cycle, minlength=len(starts))
+    kept_starts = np.concatenate([[0], np.cumsum(kept)[:-1]])
+    _, after, _ = _next_in_cycle(kept_starts, len(points))
+    r, c = points[:, 0], points[:, 1]
+    twice_area = np.abs(np.bincount(cycle, r * c[after], minlength=len(starts))
+                        - np.bincount(cycle, c * r[after], minlength=len(starts)))
+    valid = np.flatnonzero((kept >= 3) & (0.5 * twice_area >= MIN_AREA_PX))
+    chosen = valid[np.argsort(contour_slice[valid], kind="stable")]  # slice order; ties keep edge order
+
+    sizes = kept[chosen]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    gather = np.repeat(kept_starts[chosen] - offsets[:-1], sizes) + np.arange(offsets[-1])
+    return contour_slice[chosen], offsets, points[gather]
 
 
 def mask_contours_px(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -152,27 +195,8 @@ def mask_contours_px(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim == 2:
         mask = mask[None]
-    occupied = np.flatnonzero(mask.any(axis=(0, 2)))
-    if occupied.size == 0:
-        return []
-    columns = np.flatnonzero(mask.any(axis=(0, 1)))
-    layers = np.flatnonzero(mask.any(axis=(1, 2)))
-    r0, c0, k0 = occupied[0], columns[0], layers[0]
-    crop = mask[k0 : layers[-1] + 1, r0 : occupied[-1] + 1, c0 : columns[-1] + 1]  # work on the bounding box
-    slices, start, end, direction, mid = _boundary_edges(crop)
-    slices += k0
-    mid += np.array([r0, c0], dtype=np.float64)
-    nxt = _link(start, end, direction)
-    rep, order = _order_cycles(nxt)
-    rep_sorted = rep[order]
-    cuts = np.flatnonzero(np.diff(rep_sorted)) + 1
-    result = []
-    for run in np.split(order, cuts):
-        points = drop_collinear(mid[run])
-        if len(points) >= 3 and _polygon_area(points) >= MIN_AREA_PX:
-            result.append((int(slices[run[0]]), points))
-    result.sort(key=lambda item: item[0])
-    return result
+    slices, offsets, points = _trace(mask)
+    return [(int(k), points[a:b]) for k, a, b in zip(slices, offsets[:-1], offsets[1:])]
 
 
 def slice_contours_px(mask: np.ndarray) -> list[np.ndarray]:
@@ -180,10 +204,35 @@ def slice_contours_px(mask: np.ndarray) -> list[np.ndarray]:
     return [points for _, points in mask_contours_px(mask[None])]
 
 
+@dataclass(frozen=True)
+class Contours:
+    """All contours of one mask, in slice order: contour ``n`` lies on slice ``slices[n]`` and its
+    points are ``points_lps[offsets[n] : offsets[n + 1]]`` (mm, LPS)."""
+
+    slices: np.ndarray
+    offsets: np.ndarray
+    points_lps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Number of points of each contour."""
+        return np.diff(self.offsets)
+
+    def split(self) -> list[SliceContour]:
+        return [SliceContour(int(k), self.points_lps[a:b])
+                for k, a, b in zip(self.slices.tolist(), self.offsets[:-1].tolist(), self.offsets[1:].tolist())]
+
+
+def trace_mask(mask: np.ndarray, geometry: Geometry) -> Contours:
+    """All contours of a (slices, rows, cols) mask, in patient coordinates, in slice order."""
+    slices, offsets, points = _trace(np.asarray(mask, dtype=bool))
+    kij = np.column_stack([np.repeat(slices, np.diff(offsets)).astype(np.float64), points[:, 0], points[:, 1]])
+    return Contours(slices, offsets, geometry.to_patient(kij))
+
+
 def mask_contours(mask: np.ndarray, geometry: Geometry) -> list[SliceContour]:
     """All contours of a (slices, rows, cols) mask, in patient coordinates, in slice order."""
-    result = []
-    for k, rc in mask_contours_px(mask):
-        kij = np.column_stack([np.full(len(rc), k, dtype=np.float64), rc[:, 0], rc[:, 1]])
-        result.append(SliceContour(k, geometry.to_patient(kij)))
-    return result
+    return trace_mask(mask, geometry).split()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from node.spool.store import durable_write
 from node.write.preview import build_preview_sc, render_montage
@@ -24,10 +26,41 @@ class WrittenObject:
     sop_class_uid: str
 
 
-def save_dataset(ds: Dataset, path: Path) -> None:
+_PIXEL_DATA = 0x7FE00010
+#: Pixel data at least this large is written straight from its buffer (see encode_dataset).
+DIRECT_PIXEL_BYTES = 1 << 20
+
+
+def encode_dataset(ds: Dataset) -> list[bytes]:
+    """The DICOM file of ``ds`` (preamble, file meta, data set), as chunks to write one after another.
+
+    A large native PixelData that is the data set's last element (a SEG's 40 MB of frames) is not
+    copied through pydicom's buffers, which took three copies of it: pydicom encodes everything
+    before it, its explicit-VR header is packed here, and its value is written as it is.
+    """
+    pixel = ds.get(_PIXEL_DATA)
     buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    durable_write(path, buffer.getvalue(), tmp_dir=path.parent)
+    if pixel is None or not (
+        ds.file_meta.get("TransferSyntaxUID") == ExplicitVRLittleEndian
+        and pixel.VR in ("OB", "OW")
+        and isinstance(pixel.value, bytes)
+        and len(pixel.value) >= DIRECT_PIXEL_BYTES
+        and len(pixel.value) % 2 == 0
+        and max(ds.keys()) == _PIXEL_DATA
+    ):
+        ds.save_as(buffer, enforce_file_format=True)
+        return [buffer.getvalue()]
+    del ds[_PIXEL_DATA]
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    finally:
+        ds[_PIXEL_DATA] = pixel
+    header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, pixel.VR.encode("ascii"), 0, len(pixel.value))
+    return [buffer.getvalue(), header, pixel.value]
+
+
+def save_dataset(ds: Dataset, path: Path) -> None:
+    durable_write(path, encode_dataset(ds), tmp_dir=path.parent)
 
 
 def _write_seg(result: Result, out_dir: Path, seg_type: str) -> WrittenObject:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from pydicom import Dataset, Sequence
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
@@ -24,7 +23,8 @@ from pydicom.uid import (
 from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Label
-from node.write.contours import mask_contours
+from node.write.contours import Contours, trace_mask
+from node.write.decimal_text import fixed3_groups
 from node.write.encoding import Encoder, raw_sequence
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.result import Result
@@ -71,18 +71,30 @@ def _series_and_equipment(ds: Dataset, bundle: Bundle, uids: ResultUids, prov: P
     ds.DeviceSerialNumber = prov.device_serial_number
 
 
-def _contour_image(header: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = header.SOPClassUID
-    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    return item
+def _contour_images(headers: list[Dataset], implicit: bool) -> Dataset:
+    """An RTReferencedSeriesSequence item listing every source image, its ContourImageSequence pre-encoded."""
+    enc = Encoder(implicit, defined_length=True)  # as pydicom writes a sequence of Datasets
+    series = Dataset()
+    series.SeriesInstanceUID = headers[0].SeriesInstanceUID
+    series[0x30060016] = raw_sequence(0x30060016, [
+        enc.element(0x00081150, b"UI", str(h.SOPClassUID).encode()) + enc.element(0x00081155, b"UI", str(h.SOPInstanceUID).encode())
+        for h in headers
+    ], implicit=implicit, defined_length=True)
+    series.set_original_encoding(implicit, True, series._character_set)  # written as it is
+    return series
 
 
-def _structure_set(ds: Dataset, volume: Volume, found: list[Label], bundle: Bundle, prov: Provenance) -> str:
-    source = volume.headers[0]
+def _frame_of_reference(source: Dataset) -> str:
     frame_uid = str(source.get("FrameOfReferenceUID", "") or "")
     if not frame_uid:
         raise WriteError("the source series has no FrameOfReferenceUID; an RTSTRUCT cannot be anchored without one")
+    return frame_uid
+
+
+def _structure_set(ds: Dataset, volume: Volume, found: list[Label], bundle: Bundle, prov: Provenance,
+                   implicit: bool) -> str:
+    source = volume.headers[0]
+    frame_uid = _frame_of_reference(source)
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")
     ds.StructureSetLabel = f"AI {bundle.name}"[:16]
@@ -92,9 +104,7 @@ def _structure_set(ds: Dataset, volume: Volume, found: list[Label], bundle: Bund
     ds.StructureSetDate = prov.date
     ds.StructureSetTime = prov.time
 
-    series = Dataset()
-    series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ContourImageSequence = Sequence([_contour_image(h) for h in volume.headers])
+    series = _contour_images(volume.headers, implicit)
     study = Dataset()
     study.ReferencedSOPClassUID = DETACHED_STUDY_MANAGEMENT
     study.ReferencedSOPInstanceUID = source.StudyInstanceUID
@@ -117,29 +127,32 @@ def _structure_set(ds: Dataset, volume: Volume, found: list[Label], bundle: Bund
     return frame_uid
 
 
-def _contour_text(values: np.ndarray) -> bytes:
-    """ContourData values as DS text with 0.001 mm precision, padded to even length.
-
-    Each value is at most 16 characters (DS's limit) for coordinates within ±10 km.
-    """
-    flat = values.ravel().tolist()
-    text = ("%.3f\\" * len(flat) % tuple(flat))[:-1].encode("ascii")  # one C-level format call
-    return text + b" " if len(text) % 2 else text
-
-
 #: Explicit VR gives DS values a 2-byte length. ContourData of a long contour can exceed it; then
 #: the whole RTSTRUCT is written in Implicit VR Little Endian (4-byte lengths), which every planning
 #: system reads, rather than letting the element degrade to VR UN.
 MAX_EXPLICIT_LENGTH = 0xFFFE
 
 
-def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[Label]) -> bool:
-    """Set ROIContourSequence (pre-encoded); return True when the object must be written in Implicit VR."""
+def trace_contours(result: Result) -> list[Contours]:
+    """The contours of each found structure (in ``result.found`` order), in patient coordinates."""
+    labels, geometry, found = result.labels, result.volume.geometry, result.found
     # Contour tracing is numpy work that releases the GIL: one thread per structure uses every core.
     with ThreadPoolExecutor(max_workers=min(len(found), os.cpu_count() or 1)) as pool:
-        traced = list(pool.map(lambda label: mask_contours(labels == label.value, volume.geometry), found))
-    texts = [[_contour_text(c.points_lps) for c in contours] for contours in traced]
-    implicit = max((len(t) for roi in texts for t in roi), default=0) > MAX_EXPLICIT_LENGTH
+        return list(pool.map(lambda label: trace_mask(labels == label.value, geometry), found))
+
+
+def _contour_texts(contours: Contours) -> list[bytes]:
+    """ContourData of each contour as DS text with 0.001 mm precision ("%.3f"), padded to even length.
+
+    Each value is at most 16 characters (DS's limit) for coordinates within ±10 km.
+    """
+    texts = fixed3_groups(contours.points_lps, 3 * contours.sizes)
+    return [text + b" " if len(text) % 2 else text for text in texts]
+
+
+def _roi_contours(ds: Dataset, volume: Volume, traced: list[Contours], texts: list[list[bytes]], found: list[Label],
+                  implicit: bool) -> None:
+    """Set ROIContourSequence (pre-encoded, in Implicit VR if ``implicit``)."""
     # ROIContourSequence holds thousands of items: encoded straight to bytes (node.write.encoding).
     enc = Encoder(implicit)
     # One encoded image reference per slice, shared by every contour on that slice.
@@ -152,12 +165,12 @@ def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[L
     rois = []
     for number, (label, contours, roi_texts) in enumerate(zip(found, traced, texts), start=1):
         items = [
-            image_refs[c.slice_index]
+            image_refs[k]
             + closed_planar
-            + enc.element(0x30060046, b"IS", str(len(c.points_lps)).encode())
+            + enc.element(0x30060046, b"IS", str(size).encode())
             + enc.element(0x30060048, b"IS", str(n).encode())
             + enc.element(0x30060050, b"DS", text)
-            for n, (c, text) in enumerate(zip(contours, roi_texts), start=1)
+            for n, (k, size, text) in enumerate(zip(contours.slices.tolist(), contours.sizes.tolist(), roi_texts), start=1)
         ]
         color = "\\".join(str(v) for v in label.color_rgb).encode()
         rois.append(
@@ -168,7 +181,6 @@ def _roi_contours(ds: Dataset, volume: Volume, labels: np.ndarray, found: list[L
     # pydicom writes the raw items as they are (and adds the sequence delimiter) when the dataset is
     # marked as already being in the output encoding (see build_rtstruct).
     ds[0x30060039] = raw_sequence(0x30060039, rois, implicit=implicit)
-    return implicit
 
 
 def _observations(ds: Dataset, found: list[Label]) -> None:
@@ -184,9 +196,9 @@ def _observations(ds: Dataset, found: list[Label]) -> None:
     ds.RTROIObservationsSequence = Sequence(items)
 
 
-def build_rtstruct(result: Result) -> Dataset:
-    """Build the RT Structure Set for ``result`` on its volume's images."""
-    volume, labels, bundle, found = result.volume, result.labels, result.bundle, result.found
+def build_rtstruct(result: Result, traced: list[Contours] | None = None) -> Dataset:
+    """Build the RT Structure Set for ``result`` on its volume's images (``traced``: its :func:`trace_contours`)."""
+    volume, bundle, found = result.volume, result.bundle, result.found
     uids, provenance = result.uids, result.provenance
     source = volume.headers[0]
     ds = Dataset()
@@ -201,8 +213,12 @@ def build_rtstruct(result: Result) -> Dataset:
     ds.InstanceCreationTime = provenance.time
     _patient_and_study(source, ds)
     _series_and_equipment(ds, bundle, uids, provenance)
-    _structure_set(ds, volume, found, bundle, provenance)
-    implicit = _roi_contours(ds, volume, labels, found)
+    _frame_of_reference(source)  # before the tracing: nothing to do without it
+    traced = trace_contours(result) if traced is None else traced
+    texts = [_contour_texts(contours) for contours in traced]
+    implicit = max((len(t) for roi in texts for t in roi), default=0) > MAX_EXPLICIT_LENGTH
+    _structure_set(ds, volume, found, bundle, provenance, implicit)
+    _roi_contours(ds, volume, traced, texts, found, implicit)
     if implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     _observations(ds, found)

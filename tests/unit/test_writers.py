@@ -14,6 +14,7 @@ from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import Volume, build_volume, read_series
 from node.infer.bundle import Bundle, Code, Label
+from node.write import files as files_module
 from node.write import seg as seg_module
 from node.write.contours import mask_contours_px, slice_contours_px
 from node.write.result import Result, present_labels
@@ -136,6 +137,19 @@ def test_seg_falls_back_to_highdicom_when_its_template_disagrees(
     assert "PixelData differs from highdicom's" in caplog.text
     parsed = hd.seg.segread(BytesIO(_save(seg)))
     assert np.array_equal(parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True), labels)
+
+
+@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+def test_seg_file_written_in_chunks_is_pydicoms_file(tmp_path: Path, seg_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_dataset passes the pixel data to the file as it is, after pydicom's encoding of the rest."""
+    volume, labels = _case(tmp_path, ORIENTATIONS["tilted"])
+    seg = build_seg(Result.of(volume, labels, BUNDLE, ResultUids.for_job("chunks"), PROV), seg_type=seg_type)
+    monkeypatch.setattr(files_module, "DIRECT_PIXEL_BYTES", 0)  # this SEG's frames are small
+    chunks = files_module.encode_dataset(seg)
+    assert len(chunks) == 3 and chunks[2] is seg.PixelData
+    assert b"".join(chunks) == _save(seg)
+    files_module.save_dataset(seg, tmp_path / "seg.dcm")
+    assert (tmp_path / "seg.dcm").read_bytes() == _save(seg)
 
 
 def _rasterise(volume: Volume, rt) -> np.ndarray:  # type: ignore[no-untyped-def]
