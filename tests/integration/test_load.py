@@ -314,7 +314,8 @@ def _referenced_series(path: Path) -> tuple[str, str]:
 def _all_delivered(state_dir: Path, series_uids: set[str]) -> bool | str:
     """True once every series has a done job whose results are all sent; raise on a failure."""
     jobs = _db_rows(state_dir, "SELECT id, series_uid, state, error FROM jobs")
-    failed = [f"job {j['id']} ({j['series_uid']}): {j['error']}" for j in jobs if j["state"] == "failed"]
+    failed = [f"job {j['id']} ({j['series_uid']}) {j['state']}: {j['error']}" for j in jobs
+              if j["state"] in ("failed", "declined")]
     outbox = _db_rows(state_dir, "SELECT job_id, state, last_status FROM outbox")
     dead = [f"job {o['job_id']}: {o['last_status']}" for o in outbox if o["state"] == "dead"]
     if failed or dead:
