@@ -428,6 +428,9 @@ def verdict(samples: list[Sample], rows: list[dict[str, Any]], push_end: float,
     # Whole minutes only: a partial minute's minimum is not a floor.
     floor_points = [(r["t_mid"], r["worker_rss_min"]) for r in rows
                     if r["t_mid"] >= half and 60 * r["minute"] <= end + 1]
+    if len(floor_points) < 2:
+        return {"flat": False, "reason": f"the run is too short: {len(floor_points)} whole minute(s) in the second "
+                                         "half of the pushing, 2 needed (use --minutes 4 or more)"}
     out: dict[str, Any] = {
         "second_half_s": [round(half, 1), round(end, 1)],
         "samples": len(second),
