@@ -1,22 +1,25 @@
 """The receiver: a pynetdicom Verification and Storage SCP that spools what it is sent.
 
-The C-STORE handler does the least it can: take the peer's bytes as encoded (no pixel decode),
-read a few header attributes, write them tmp → fsync → rename into the spool, commit the instance to
-the index, and only then answer Success. Inference never runs on an association thread.
+The C-STORE handler does the least it can: take the peer's bytes as encoded (no pixel decode), check
+their framing and read a few header attributes (a truncated or garbled dataset is refused with 0xC000,
+one without valid SOP Class, Study and Series Instance UIDs with 0xA900), write them tmp → fsync →
+rename into the spool, commit the instance to the index, and only then answer Success. Inference
+never runs on an association thread. :mod:`node.dicom.guard` keeps peers that break the upper-layer
+protocol from holding the node (stalled PDUs, connections that close before associating, malformed
+association requests).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import re
 import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
-from io import BytesIO
 from typing import cast
 
-from pydicom import dcmread
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -24,6 +27,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeConfig
 from node.dicom.filemeta import encode_file_meta
+from node.dicom.framing import FramingError, RawElement, scan
+from node.dicom.guard import PeerGuard
 from node.dicom.net import set_tcp_nodelay
 from node.dicom.status import Status
 from node.domain import InstanceMeta
@@ -33,49 +38,118 @@ from node.spool.store import Spool
 
 log = logging.getLogger(__name__)
 
-_HEADER_TAGS = ["Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+#: Seconds a peer has to send its A-ASSOCIATE-RQ after connecting (and to answer a release). Short:
+#: until then the connection holds one of the association slots.
+ACSE_TIMEOUT_S = 10
+#: Seconds without a PDU on an established association before it is aborted.
+NETWORK_TIMEOUT_S = 60
+#: Seconds to wait for the next DIMSE message of an operation in progress.
+DIMSE_TIMEOUT_S = 60
+#: Associations (or connections not yet associated) served at once; beyond, requests are rejected
+#: (transient, local limit exceeded). Each costs two threads.
+MAX_ASSOCIATIONS = 64
+
+SPECIFIC_CHARACTER_SET = 0x00080005
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+MODALITY = 0x00080060
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
+#: The top-level elements the receiver reads, with their keyword and the VRs accepted for them.
+_HEADER: dict[int, tuple[str, frozenset[str]]] = {
+    SPECIFIC_CHARACTER_SET: ("SpecificCharacterSet", frozenset({"CS", "UN"})),
+    SOP_CLASS_UID: ("SOPClassUID", frozenset({"UI", "UN"})),
+    SOP_INSTANCE_UID: ("SOPInstanceUID", frozenset({"UI", "UN"})),
+    MODALITY: ("Modality", frozenset({"CS", "UN"})),
+    STUDY_INSTANCE_UID: ("StudyInstanceUID", frozenset({"UI", "UN"})),
+    SERIES_INSTANCE_UID: ("SeriesInstanceUID", frozenset({"UI", "UN"})),
+}
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 class HeaderError(ValueError):
-    """The received dataset's header cannot be read."""
+    """The received dataset cannot be parsed (0xC000)."""
 
 
 class DatasetMismatch(HeaderError):
-    """The received dataset contradicts the C-STORE request (another SOP class or instance)."""
+    """The dataset contradicts the C-STORE request, or lacks what the node files it under (0xA900)."""
 
 
-def read_instance_meta(encoded_file: bytes, *, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str) -> InstanceMeta:
-    """Parse the few attributes the index needs from an encoded DICOM file, pixels untouched.
+def uid_problem(value: str) -> str | None:
+    """None for a UID the node can file and reference, else what is wrong with it (PS3.5 9.1).
 
-    The C-STORE request's Affected SOP Instance/Class UIDs are authoritative (some real files carry
-    an empty SOPInstanceUID in the dataset and the UID only in the file meta). An empty Study or
-    Series Instance UID is kept as empty and recorded; the job for such a series fails with that
-    reason rather than the instance being refused, so nothing a sender considers stored is lost.
+    Leading zeros in a component are tolerated: real scanners write them and nothing breaks.
+    """
+    if not value:
+        return "is empty"
+    if len(value) > 64:
+        return f"is {len(value)} characters long (a UID has at most 64)"
+    if not _UID.fullmatch(value):
+        return f"{value[:80]!r} is not a UID (numbers separated by dots)"
+    return None
+
+
+def _header_text(found: dict[int, RawElement], tag: int) -> str:
+    """The value of a header element as text; DatasetMismatch when its VR or bytes are wrong for it."""
+    element = found.get(tag)
+    if element is None:
+        return ""
+    keyword, vrs = _HEADER[tag]
+    if element.vr is not None and element.vr not in vrs:
+        raise DatasetMismatch(f"the dataset's {keyword} has VR {element.vr} (DICOM defines {min(vrs)})")
+    try:
+        text = element.value.rstrip(b"\x00 ").decode("ascii")
+    except UnicodeDecodeError:
+        raise DatasetMismatch(f"the dataset's {keyword} {element.value[:80]!r} is not ASCII text") from None
+    if not text.isprintable():
+        raise DatasetMismatch(f"the dataset's {keyword} {text[:80]!r} contains control characters")
+    return text.strip()
+
+
+def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str) -> InstanceMeta:
+    """Check a received dataset (as encoded, no file meta) and read what the index needs, pixels untouched.
+
+    The whole dataset's framing is checked (:func:`node.dicom.framing.scan`): a truncated or garbled
+    one raises :class:`HeaderError` (answered 0xC000). The dataset must then carry its own
+    SOPClassUID, equal to the request's, and valid Study and Series Instance UIDs: without them the
+    node cannot group the instance into its series or file results in its study (all instances with
+    a blank SeriesInstanceUID would otherwise become one "series" of unrelated images), so it raises
+    :class:`DatasetMismatch` (0xA900) naming every problem, and the sender keeps the instance. The
+    request's Affected SOP Instance UID is authoritative: some real files carry an empty
+    SOPInstanceUID in the dataset and the UID only in the file meta.
     """
     try:
-        ds = dcmread(BytesIO(encoded_file), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        modality = str(ds.get("Modality", "") or "")
-        study_uid = str(ds.get("StudyInstanceUID", "") or "")
-        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-        ds_class = str(ds.get("SOPClassUID", "") or "")
-        ds_instance = str(ds.get("SOPInstanceUID", "") or "")
-    except Exception as exc:  # pydicom, zlib (deflate), struct: any failure to parse is the peer's data
-        raise HeaderError(
-            f"the dataset of SOP Instance {sop_instance_uid!r} cannot be parsed: {type(exc).__name__}: {exc}"
-        ) from exc
+        found = scan(dataset, transfer_syntax, _HEADER)
+    except FramingError as exc:
+        raise HeaderError(f"the dataset of SOP Instance {sop_instance_uid} cannot be parsed: {exc}") from exc
+    try:
+        _header_text(found, SPECIFIC_CHARACTER_SET)
+        modality = _header_text(found, MODALITY)
+        ds_class = _header_text(found, SOP_CLASS_UID)
+        ds_instance = _header_text(found, SOP_INSTANCE_UID)
+        study_uid = _header_text(found, STUDY_INSTANCE_UID)
+        series_uid = _header_text(found, SERIES_INSTANCE_UID)
+    except DatasetMismatch as exc:
+        raise DatasetMismatch(f"SOP Instance {sop_instance_uid}: {exc}") from None
+    problems = []
     # A dataset without its own SOPClassUID is not a composite instance: DCMTK's storescu, for one,
     # sends a DICOMDIR under the UIDs of the first image it lists. Accepting it would take that
     # image's UID, and the real image would later be dropped as a duplicate.
     if ds_class != sop_class_uid:
-        raise DatasetMismatch(
-            f"the dataset's SOPClassUID {ds_class or '(absent)'!r} does not match the C-STORE request's "
-            f"Affected SOP Class UID {sop_class_uid!r}"
+        shown = ds_class or ("(absent)" if SOP_CLASS_UID not in found else "(empty)")
+        problems.append(
+            f"the dataset's SOPClassUID {shown!r} does not match the request's Affected SOP Class UID {sop_class_uid!r}"
         )
     if ds_instance and ds_instance != sop_instance_uid:
-        raise DatasetMismatch(
-            f"the dataset's SOPInstanceUID {ds_instance!r} does not match the C-STORE request's "
-            f"Affected SOP Instance UID {sop_instance_uid!r}"
-        )
+        problems.append(f"the dataset's SOPInstanceUID {ds_instance!r} does not match the request's")
+    filing = []
+    for tag, uid in ((STUDY_INSTANCE_UID, study_uid), (SERIES_INSTANCE_UID, series_uid)):
+        if problem := uid_problem(uid):
+            filing.append(f"the dataset's {_HEADER[tag][0]} {'is absent' if tag not in found else problem}")
+    if filing:
+        problems.append("; ".join(filing) + " (the node files instances by Study and Series Instance UID)")
+    if problems:
+        raise DatasetMismatch(f"SOP Instance {sop_instance_uid}: " + "; ".join(problems))
     return InstanceMeta(
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=sop_class_uid,
@@ -104,15 +178,16 @@ class Receiver:
         self._server: ThreadedAssociationServer | None = None
         self._assoc_series: dict[int, set[str]] = {}
         self._lock = threading.Lock()
+        self._guard = PeerGuard()
         self.received = 0
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_pdu_size = self.cfg.max_pdu_size
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.maximum_associations = 32
+        ae.network_timeout = NETWORK_TIMEOUT_S
+        ae.acse_timeout = ACSE_TIMEOUT_S
+        ae.dimse_timeout = DIMSE_TIMEOUT_S
+        ae.maximum_associations = MAX_ASSOCIATIONS
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
@@ -125,6 +200,7 @@ class Receiver:
         ae = self._make_ae()
         handlers = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            *self._guard.handlers(),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -184,9 +260,11 @@ class Receiver:
         try:
             transfer_syntax = str(event.context.transfer_syntax)
             dataset = event.encoded_dataset(include_meta=False)
+            if not dataset:
+                raise DatasetMismatch(f"the C-STORE request for SOP Instance {sop_uid} carries no dataset")
             header = encode_file_meta(sop_class, sop_uid, transfer_syntax, calling)
             meta = read_instance_meta(
-                header + dataset,
+                dataset,
                 sop_instance_uid=sop_uid,
                 sop_class_uid=sop_class,
                 transfer_syntax=transfer_syntax,
