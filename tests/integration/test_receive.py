@@ -118,3 +118,37 @@ def test_disk_watermark_refuses_with_out_of_resources(tmp_path: Path) -> None:
     assert "Refused: OutOfResources" in proc.stderr, proc.stderr
     assert "below the 1000000000 MB watermark" in log
     assert stored == {}
+
+
+TOTALSEG = SHARED / "ct" / "totalseg-abdomen-20-j2k"
+
+
+@pytest.mark.skipif(not TOTALSEG.is_dir(), reason=f"real CT with empty UIDs not found at {TOTALSEG}")
+def test_unfileable_and_truncated_instances_are_refused_and_named(tmp_path: Path) -> None:
+    """Real files whose datasets have empty Study/Series Instance UIDs (the UIDs only in the file meta)
+    are refused 0xA900 with the empty UIDs named; a truncated dataset 0xC000; a good slice sent in the
+    same association is still stored. (storescu cannot send the real files at all: it takes the SOP
+    class from the dataset, which is empty; send_files sends them byte for byte.)"""
+    from tests.harness.malformed import send_files, split_file
+    from tests.harness.synthetic_ct import write_ct_series
+
+    real = sorted(TOTALSEG.glob("CT.*"))[:2]
+    good, cut = write_ct_series(tmp_path / "ct", slices=2, rows=32, columns=32).files
+    head, body = split_file(cut.read_bytes())
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(head + body[: len(body) - 100])
+    sops = {path: str(dcmread(path, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID)
+            for path in [*real, truncated, good]}
+    with NodeProcess(tmp_path / "node", quiet_period_s=600, release_settle_s=600) as node:
+        sent = send_files([*real, truncated, good], "127.0.0.1", node.port, node.ae_title)
+        stored = _stored(node)
+        log = node.log_text()
+    assert [sent.statuses[sops[p]] for p in real] == [0xA900, 0xA900], sent
+    assert sent.statuses[sops[truncated]] == 0xC000, sent
+    assert sent.statuses[sops[good]] == 0x0000, sent
+    assert set(stored) == {sops[good]}
+    for path in real:
+        line = next(line for line in log.splitlines() if sops[path] in line and "refused (0xA900)" in line)
+        assert "StudyInstanceUID is empty" in line and "SeriesInstanceUID is empty" in line, line
+    line = next(line for line in log.splitlines() if sops[truncated] in line)
+    assert "refused (0xC000)" in line and "PixelData" in line and "truncated" in line, line

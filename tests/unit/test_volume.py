@@ -150,3 +150,111 @@ def test_implausible_extent_is_refused(tmp_path: Path) -> None:
         ds.PixelSpacing = [1000.0, 1000.0]  # 32 columns × 1 m: resampling would need ~21,000² voxels
     with pytest.raises(VolumeError, match="more than 3000 mm"):
         build_volume(datasets)
+
+
+# ------------------------------------------------------------------ bad input: every refusal names what is wrong
+def _raw(ds, keyword: str, vr: str, value: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Put ``value`` under ``keyword`` as a not yet decoded element with ``vr`` (as a reader would find it)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    tag = Tag(tag_for_keyword(keyword))
+    ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value", "needle"),
+    [
+        ("ImagePositionPatient", "DS", b"0\\0\\nan ", "ImagePositionPatient that is not finite"),
+        ("ImageOrientationPatient", "DS", b"1\\0\\0\\0\\inf\\0 ", "ImageOrientationPatient that is not finite"),
+        ("PixelSpacing", "DS", b"6.0 ", r"no valid PixelSpacing \(got \['6.0'\]: 1 values, 2 needed\)"),
+        ("PixelSpacing", "DS", b"six\\six ", "non-numeric PixelSpacing"),
+        ("RescaleSlope", "US", b"1 ", "RescaleSlope with VR US where DICOM defines DS"),
+        ("RescaleIntercept", "DS", b"abc ", "non-numeric RescaleIntercept"),
+        ("Rows", "DS", b"32", "Rows with VR DS where DICOM defines US"),
+        ("NumberOfFrames", "IS", b"x2", "non-numeric NumberOfFrames"),
+        ("BitsAllocated", "DS", b"16", "BitsAllocated with VR DS"),
+    ],
+)
+def test_unreadable_attribute_is_named(tmp_path: Path, keyword: str, vr: str, value: bytes, needle: str) -> None:
+    datasets = _series(tmp_path)
+    _raw(datasets[2], keyword, vr, value)
+    with pytest.raises(VolumeError, match=needle):
+        build_volume(datasets)
+
+
+@pytest.mark.parametrize(
+    ("iop", "needle"),
+    [
+        ([0, 0, 0, 0, 0, 0], "row direction has length 0.000"),
+        ([1, 0, 0, 1, 0, 0], "not orthogonal .cosine 1.000, parallel"),
+        ([1, 0, 0, 0.5, 0.866, 0], "not orthogonal"),
+        ([2, 0, 0, 0, 2, 0], "length 2.000"),
+    ],
+)
+def test_broken_orientation_is_refused(tmp_path: Path, iop: list[float], needle: str) -> None:
+    datasets = _series(tmp_path)
+    for ds in datasets:
+        ds.ImageOrientationPatient = iop
+    with pytest.raises(VolumeError, match=needle):
+        build_volume(datasets)
+
+
+def test_rescale_slope_zero_is_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    datasets[4].RescaleSlope = 0
+    with pytest.raises(VolumeError, match="RescaleSlope 0: every voxel would be the intercept"):
+        build_volume(datasets)
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID", "PatientID", "Modality"])
+def test_mixed_series_is_refused_naming_the_values(tmp_path: Path, keyword: str) -> None:
+    datasets = _series(tmp_path)
+    first = str(datasets[0].get(keyword))
+    for ds in datasets[4:]:
+        setattr(ds, keyword, "1.2.3.4" if keyword.endswith("UID") else "OTHER")
+    other = "1.2.3.4" if keyword.endswith("UID") else "OTHER"
+    with pytest.raises(VolumeError, match=rf"mixes {keyword} values '{first}' \(4 instances\), '{other}' \(2 instances\)"):
+        build_volume(datasets)
+
+
+def test_series_without_frame_of_reference_is_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    for ds in datasets:
+        del ds.FrameOfReferenceUID
+    with pytest.raises(VolumeError, match="no FrameOfReferenceUID"):
+        build_volume(datasets)
+
+
+def test_lossy_compression_is_refused_before_decoding(tmp_path: Path) -> None:
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSNearLossless
+
+    datasets = _series(tmp_path)
+    datasets[1].compress(JPEGLSNearLossless, jls_error=2, generate_instance_uid=False)
+    with pytest.raises(VolumeError, match=r"lossy-compressed \(transfer syntax 1.2.840.10008.1.2.4.81 \(JPEG-LS near-lossless\)\)"):
+        build_volume(datasets)
+    datasets = _series(tmp_path / "b")
+    datasets[2].LossyImageCompression = "01"
+    with pytest.raises(VolumeError, match="LossyImageCompression 01"):
+        build_volume(datasets)
+    # JPEG 2000 (.91) may be lossless or lossy: only LossyImageCompression 00 says which
+    reference = build_volume(_series(tmp_path / "c"))
+    datasets = _series(tmp_path / "c")
+    for ds in datasets:  # a lossless codestream under the lossy-or-lossless syntax, as some senders do
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+        ds.file_meta.TransferSyntaxUID = JPEG2000
+    with pytest.raises(VolumeError, match="lossy unless LossyImageCompression is 00; it is absent"):
+        build_volume(datasets)
+    for ds in datasets:
+        ds.LossyImageCompression = "00"
+    assert np.array_equal(build_volume(datasets).voxels, reference.voxels)
+
+
+@pytest.mark.skipif(not TS.is_dir(), reason=f"real transfer-syntax samples not found at {TS}")
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+                                    "1.2.840.10008.1.2.4.91"])
+def test_real_lossy_ct_is_refused(syntax: str) -> None:
+    path = next(TS.glob(f"CTImage.dcm_*_{syntax}.dcm"))
+    with pytest.raises(VolumeError, match=f"lossy-compressed \\(transfer syntax {syntax}"):
+        build_volume(read_series([path]))
