@@ -19,6 +19,7 @@ per-contour numpy calls and pointer jumping).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,8 @@ from node.assemble.volume import Geometry
 
 #: Contours enclosing less than this many pixels are dropped as degenerate.
 MIN_AREA_PX = 0.5
+#: Slices traced together (see _trace): ~20 MB of working memory per 512×512 slab of this size.
+SLAB_SLICES = 32
 
 # Edge directions in (row, column) image coordinates, clockwise: a right turn is +1.
 UP, RIGHT, DOWN, LEFT = 0, 1, 2, 3
@@ -142,13 +145,35 @@ def _next_in_cycle(starts: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarr
     return cycle, np.where(index == last, first, index + 1), np.where(index == first, last, index - 1)
 
 
-def _trace(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Contours of a (slices, rows, cols) mask: slice of each, start offsets (one extra at the end) and
-    (n, 2) row/col points, contour after contour, in slice order."""
-    empty = (np.empty(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.empty((0, 2)))
+_Traced = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _trace(slab: Callable[[int, int], np.ndarray], count: int) -> _Traced:
+    """Contours of a mask of ``count`` slices, ``slab(a, b)`` giving slices a..b-1 as booleans.
+
+    Returns the slice of each contour, start offsets (one extra at the end) and (n, 2) row/col
+    points, contour after contour, in slice order. Contours lie within one slice, so slabs of
+    SLAB_SLICES slices are traced one after another: the working memory (the padded slab, its
+    transitions, a dozen arrays per boundary edge) stays that of a slab, and a label volume never
+    has to become a whole boolean mask. The result is the same as for the whole stack at once:
+    cycles start at their first vertical edge in raster order within a slice either way.
+    """
+    parts = [_trace_block(slab(a, min(a + SLAB_SLICES, count))) for a in range(0, count, SLAB_SLICES)]
+    if not parts:
+        return _EMPTY
+    slices = np.concatenate([part[0] + a for part, a in zip(parts, range(0, count, SLAB_SLICES))])
+    sizes = np.concatenate([np.diff(part[1]) for part in parts])
+    return slices, np.concatenate([[0], np.cumsum(sizes)]), np.concatenate([part[2] for part in parts])
+
+
+_EMPTY: _Traced = (np.empty(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.empty((0, 2)))
+
+
+def _trace_block(mask: np.ndarray) -> _Traced:
+    """:func:`_trace` of one (slices, rows, cols) boolean block, all at once."""
     layers = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
     if layers.size == 0:
-        return empty
+        return _EMPTY
     k0 = layers[0]
     footprint = np.asarray(mask[k0 : layers[-1] + 1].any(axis=0))  # rows × columns
     occupied, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
@@ -195,7 +220,7 @@ def mask_contours_px(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim == 2:
         mask = mask[None]
-    slices, offsets, points = _trace(mask)
+    slices, offsets, points = _trace(lambda a, b: mask[a:b], len(mask))
     return [(int(k), points[a:b]) for k, a, b in zip(slices, offsets[:-1], offsets[1:])]
 
 
@@ -228,7 +253,17 @@ class Contours:
 
 def trace_mask(mask: np.ndarray, geometry: Geometry) -> Contours:
     """All contours of a (slices, rows, cols) mask, in patient coordinates, in slice order."""
-    slices, offsets, points = _trace(np.asarray(mask, dtype=bool))
+    mask = np.asarray(mask, dtype=bool)
+    return _in_patient_space(_trace(lambda a, b: mask[a:b], len(mask)), geometry)
+
+
+def trace_label(labels: np.ndarray, value: int, geometry: Geometry) -> Contours:
+    """:func:`trace_mask` of ``labels == value``, without making that whole mask."""
+    return _in_patient_space(_trace(lambda a, b: labels[a:b] == value, len(labels)), geometry)
+
+
+def _in_patient_space(traced: _Traced, geometry: Geometry) -> Contours:
+    slices, offsets, points = traced
     kij = np.column_stack([np.repeat(slices, np.diff(offsets)).astype(np.float64), points[:, 0], points[:, 1]])
     return Contours(slices, offsets, geometry.to_patient(kij))
 

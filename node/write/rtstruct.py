@@ -23,7 +23,7 @@ from pydicom.uid import (
 from node.assemble.volume import Volume
 from node.errors import WriteError
 from node.infer.bundle import Bundle, Label
-from node.write.contours import Contours, trace_mask
+from node.write.contours import Contours, trace_label
 from node.write.decimal_text import fixed3_groups
 from node.write.encoding import Encoder, raw_sequence
 from node.write.provenance import MANUFACTURER, Provenance
@@ -138,7 +138,7 @@ def trace_contours(result: Result) -> list[Contours]:
     labels, geometry, found = result.labels, result.volume.geometry, result.found
     # Contour tracing is numpy work that releases the GIL: one thread per structure uses every core.
     with ThreadPoolExecutor(max_workers=min(len(found), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda label: trace_mask(labels == label.value, geometry), found))
+        return list(pool.map(lambda label: trace_label(labels, label.value, geometry), found))
 
 
 def _contour_texts(contours: Contours) -> list[bytes]:
