@@ -285,8 +285,13 @@ def build_seg(result: Result, *, seg_type: str = "BINARY") -> Dataset:
         return build_seg_highdicom(result, seg_type=seg_type)
     if int(segments.max()) > len(descriptions):  # highdicom's check, which now sees only the template's slices
         raise WriteError("highdicom could not build the SEG: Pixel array contains segments that lack descriptions.")
+    # highdicom's checks of the source images, likewise
+    if len({(h.StudyInstanceUID, h.SeriesInstanceUID, h.Rows, h.Columns, h.get("FrameOfReferenceUID"))
+            for h in headers}) > 1:
+        raise WriteError("highdicom could not build the SEG: Source images must all be part of the same series and "
+                         "must have the same image dimensions (number of rows/columns).")
     iop = headers[0].ImageOrientationPatient
-    for h in headers:  # highdicom's check, likewise
+    for h in headers:
         if h.ImageOrientationPatient != iop:
             raise WriteError("highdicom could not build the SEG: Source images must have a shared orientation.")
     template = _highdicom_seg(result, headers[:TEMPLATE_SLICES], segments[:TEMPLATE_SLICES], descriptions, seg_type)

@@ -13,6 +13,7 @@ from pydicom import dcmread
 from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import Volume, build_volume, read_series
+from node.errors import WriteError
 from node.infer.bundle import Bundle, Code, Label
 from node.write import files as files_module
 from node.write import seg as seg_module
@@ -123,6 +124,23 @@ def test_seg_of_odd_sized_frames_and_short_series(tmp_path: Path, slices: int, s
     parsed = hd.seg.segread(BytesIO(fast))
     back = parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True)
     assert np.array_equal(back, labels)
+
+
+@pytest.mark.parametrize("flaw", ["another series", "orientation off by 1e-5"])
+def test_seg_refuses_what_highdicom_refuses_for_the_whole_series(tmp_path: Path, flaw: str) -> None:
+    """highdicom sees two slices of the series only; its checks of all source images must still hold."""
+    volume, labels = _case(tmp_path, ORIENTATIONS["axial"])
+    last = volume.headers[-1]
+    if flaw == "another series":
+        last.SeriesInstanceUID = "1.2.3.4"
+    else:
+        last.ImageOrientationPatient = [1, 0, 0, 0, 1, 1e-5]  # build_volume tolerates this, highdicom does not
+    result = Result.of(volume, labels, BUNDLE, ResultUids.for_job("flaw"), PROV)
+    with pytest.raises(WriteError) as reference:
+        build_seg_highdicom(result)
+    with pytest.raises(WriteError) as fast:
+        build_seg(result)
+    assert str(fast.value) == str(reference.value)
 
 
 def test_seg_falls_back_to_highdicom_when_its_template_disagrees(
