@@ -5,22 +5,29 @@ pynetdicom assumes a well-behaved peer in a few places; each function here is an
 hostile peer costs the node a bounded amount of time and no association slot it does not use:
 
 * :meth:`PeerGuard.on_conn_open` bounds each socket read (:data:`PDU_STALL_S` of silence in the middle
-  of a PDU ends the connection; pynetdicom's ``recv`` blocks forever, and its network and ARTIM
-  timers cannot fire while it does), stops reading a stream pynetdicom has already found invalid
-  (it otherwise blocks on the next 6 bytes before sending its A-ABORT), and refuses a PDU of more
-  than :data:`MAX_PRE_ASSOCIATION_PDU` bytes before association (it would buffer a declared 2 GiB).
+  of a PDU ends the connection; pynetdicom's ``recv`` on an accepted socket blocks forever, and its
+  network and ARTIM timers cannot fire while it does: it expects a whole PDU to arrive at once, see
+  pydicom/pynetdicom#653), stops reading a stream pynetdicom has already found invalid (after an
+  unknown PDU type it blocks on the next 6 bytes before sending its A-ABORT), and refuses a PDU of
+  more than :data:`MAX_PRE_ASSOCIATION_PDU` bytes before association (it would buffer a declared 2 GiB).
 * :meth:`PeerGuard.on_conn_close` wakes the acceptor thread of a connection that closed before its
   A-ASSOCIATE-RQ: pynetdicom waits out the whole ACSE timeout for the request, closed connection or
-  not, and each such thread counts against ``maximum_associations`` (a port scanner or a
-  load-balancer health check would lock real senders out). The fix is the one the maintainer
-  suggested for the requestor side in pydicom/pynetdicom#618: put ``None`` on the DUL's user queue.
+  not, and each such thread counts against ``maximum_associations``, so a port scanner or a
+  load-balancer health check (pydicom/pynetdicom#669) locks real senders out. The fix is the one the
+  maintainer suggested for the requestor side in pydicom/pynetdicom#618: put ``None`` on the DUL's
+  user queue, which the acceptor reads as its ACSE timeout.
 * :meth:`PeerGuard.on_pdu_recv` / :meth:`PeerGuard.on_requested` answer a malformed A-ASSOCIATE-RQ
   (an even presentation context ID, a context without transfer syntax) with A-ASSOCIATE-RJ. pynetdicom
-  raises in its state machine (the DUL thread dies) or in negotiation (the acceptor thread dies) and
-  leaves the peer without an answer until timeouts end the connection.
+  raises in its state machine's AE-6 (the DUL thread dies; the same failure mode as
+  pydicom/pynetdicom#721) or in negotiation (the acceptor thread dies) and leaves the peer without an
+  answer until timeouts end the connection.
 * :meth:`PeerGuard.on_dimse_recv` answers a C-STORE-RQ without Affected SOP Instance UID with 0xA900:
   pynetdicom drops such a request ("Received unexpected C-STORE service message") and the peer waits
-  for a response that never comes.
+  for a response that never comes. Our handlers are moved before pynetdicom's logging ones, because
+  those raise on such messages and an exception ends pynetdicom's loop over an event's handlers.
+
+Each workaround uses pynetdicom internals (the DUL's queues and state, the association's socket); a
+pynetdicom upgrade must re-run ``tests/integration/test_bad_input.py``, which exercises all of them.
 """
 
 from __future__ import annotations
