@@ -148,7 +148,14 @@ class PeerGuard:
     def on_conn_close(self, event: evt.Event) -> None:
         """Wake an acceptor still waiting for the A-ASSOCIATE-RQ of a connection that is gone."""
         assoc = event.assoc
-        if assoc.is_acceptor and not assoc.is_established and assoc.requestor.primitive is None:
+        # Only while nothing is queued: a request that did arrive is negotiated (and then finds the
+        # connection gone); a None behind it would hide later primitives from the association.
+        if (
+            assoc.is_acceptor
+            and not assoc.is_established
+            and assoc.requestor.primitive is None
+            and assoc.dul.to_user_queue.empty()
+        ):
             assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # read as "ACSE timeout"
 
     # ------------------------------------------------------------------ association requests
