@@ -257,8 +257,12 @@ def trace_mask(mask: np.ndarray, geometry: Geometry) -> Contours:
     return _in_patient_space(_trace(lambda a, b: mask[a:b], len(mask)), geometry)
 
 
-def trace_label(labels: np.ndarray, value: int, geometry: Geometry) -> Contours:
-    """:func:`trace_mask` of ``labels == value``, without making that whole mask."""
+def trace_label(labels: np.ndarray, value: int, geometry: Geometry, includes: tuple[int, ...] = ()) -> Contours:
+    """:func:`trace_mask` of ``labels == value`` (or any of ``value, *includes``), without making that whole mask."""
+    if includes:
+        lut = np.zeros(256, dtype=bool)
+        lut[[value, *includes]] = True
+        return _in_patient_space(_trace(lambda a, b: lut[labels[a:b]], len(labels)), geometry)
     return _in_patient_space(_trace(lambda a, b: labels[a:b] == value, len(labels)), geometry)
 
 

@@ -17,6 +17,7 @@ from scipy import ndimage
 from node.assemble.volume import Volume
 from node.infer.bundle import Label
 from node.write.provenance import MANUFACTURER, Provenance
+from node.write.result import label_mask
 
 #: CT display window (level, width) in HU: a soft-tissue window.
 WINDOW = (40.0, 400.0)
@@ -34,7 +35,7 @@ def _panel(image: np.ndarray, labels: np.ndarray, found: list[Label], pixel_mm: 
     grey = _window(image, *WINDOW)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     for label in found:
-        mask = labels == label.value
+        mask = label_mask(labels, label)
         if mask.any():
             edge = mask & ~ndimage.binary_erosion(mask)
             edge = ndimage.binary_dilation(edge)  # two pixels wide: visible after downscaling
@@ -74,7 +75,7 @@ def render_montage(volume: Volume, labels: np.ndarray, found: list[Label], title
     for n, label in enumerate(found):
         y = PANEL_PX + 28 + 22 * n
         draw.rectangle((8, y, 24, y + 14), fill=label.color_rgb)
-        voxels = int((labels == label.value).sum())
+        voxels = int(label_mask(labels, label).sum())
         ml = voxels * dz * dy * dx / 1000.0
         draw.text((32, y), f"{label.name} ({label.rt_roi_type}) {ml:,.0f} mL", fill=(255, 255, 255), font=font)
     return canvas

@@ -138,7 +138,7 @@ def trace_contours(result: Result) -> list[Contours]:
     labels, geometry, found = result.labels, result.volume.geometry, result.found
     # Contour tracing is numpy work that releases the GIL: one thread per structure uses every core.
     with ThreadPoolExecutor(max_workers=min(len(found), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda label: trace_label(labels, label.value, geometry), found))
+        return list(pool.map(lambda label: trace_label(labels, label.value, geometry, label.includes), found))
 
 
 def _contour_texts(contours: Contours) -> list[bytes]:

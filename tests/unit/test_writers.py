@@ -295,3 +295,37 @@ def test_several_structures_go_into_one_seg_and_one_rtstruct(tmp_path: Path) -> 
     if not tool_missing_reason("dciodvfy"):
         for path in (seg_path, rt_path):
             assert dciodvfy(path).ok
+
+
+@pytest.mark.parametrize("name", ["axial", "tilted"])
+def test_overlapping_structures_body_includes_the_lungs(tmp_path: Path, name: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A label that includes others (BODY ⊃ lungs): its SEG segment and its RTSTRUCT contours cover the
+    lungs too (no holes in the External), and the fast SEG still equals highdicom's whole build."""
+    volume, body = _case(tmp_path, ORIENTATIONS[name])
+    bundle, labels = _three_structures(volume, body)
+    body_label = dataclasses.replace(bundle.labels[0], includes=(2, 3))
+    bundle = dataclasses.replace(bundle, labels=(body_label, *bundle.labels[1:]))
+    result = Result.of(volume, labels, bundle, ResultUids.for_job("overlap"), PROV)
+    assert result.overlapping and (labels == 2).any()
+    whole_body = labels > 0
+    assert np.array_equal(result.mask(body_label), whole_body)
+    with caplog.at_level("WARNING", logger="node.write.seg"):
+        fast = _save(build_seg(result))
+    assert not caplog.records, "the fast path fell back to highdicom: " + caplog.text
+    assert _comparable(fast) == _comparable(_save(build_seg_highdicom(result)))
+    seg_path = tmp_path / "seg.dcm"
+    seg_path.write_bytes(fast)
+    parsed = hd.seg.segread(seg_path)
+    planes = parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=False)
+    assert np.array_equal(planes[..., 0] > 0, whole_body)
+    assert np.array_equal(planes[..., 1] > 0, labels == 2)
+    assert np.array_equal(planes[..., 2] > 0, labels == 3)
+    rt_path = tmp_path / "rt.dcm"
+    rt_path.write_bytes(_save(build_rtstruct(result)))
+    filled = _rasterise(volume, dcmread(rt_path))  # ROI 1 = BODY
+    dice = 2 * (filled & whole_body).sum() / (filled.sum() + whole_body.sum())
+    assert dice > 0.995, dice
+    if not tool_missing_reason("dciodvfy"):
+        for path in (seg_path, rt_path):
+            assert dciodvfy(path).ok
