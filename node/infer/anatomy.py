@@ -29,6 +29,7 @@ What a planning system does to make an External, and the lungs, with thresholds 
    midline it lies on (LPS +x is patient left); a component on both sides (lungs touching at the
    anterior junction) is eroded in-plane until it falls apart, the parts are grown back and the
    rest goes by the midline (a component that never falls apart is one lung across the midline).
+   A lung's centre lies at least ``LUNG_MIN_OFFSET_MM`` to its side (the nasal cavity does not).
    Lungs are filled plane by plane, each side alone (vessels and bronchi inside are lung; the
    mediastinum between the lungs is not).
 4. **Full resolution.** Coarse labels are repeated onto the source grid; on a one-coarse-voxel band
@@ -73,6 +74,9 @@ MAX_FACTOR = 4
 COARSE_MAX_VOXELS = 10_000_000
 #: In-plane opening that separates the couch from the patient (side of the square), mm.
 COUCH_OPEN_MM = 15.0
+#: An in-plane hole of the tissue counts as the patient's (and is solid for the opening) when at
+#: least this fraction of its rim is thick tissue (survives the opening).
+HOLE_MIN_THICK_RIM = 0.4
 #: Extra 3-D components (arms, legs) are kept at this fraction of the largest one's volume or more...
 EXTRA_MIN_FRACTION = 0.01
 #: ... with at least this mean cross-section per plane (couch rails are smaller), cm²...
@@ -90,6 +94,8 @@ _SECTORS = 36
 LUNG_MIN_ML = 15.0
 #: Lung components have fewer voxels than this below PURE_AIR_HU (bowel gas has more).
 LUNG_MAX_PURE_FRACTION = 0.5
+#: A lung's centre lies at least this far to its side of the body's midline, mm.
+LUNG_MIN_OFFSET_MM = 20.0
 #: Pieces of a lung component cut off by gas removal stay at this fraction of its largest piece.
 LUNG_MIN_PIECE = 0.1
 #: Airway blobs: in-plane area below this (cm²), mean HU below AIRWAY_MEAN_HU, within
@@ -300,11 +306,37 @@ def _odd(mm: float, spacing: float) -> int:
     return max(1, n + 1 - n % 2)
 
 
+def _patient_holes(tissue: np.ndarray, thick: np.ndarray) -> np.ndarray:
+    """In-plane holes of ``tissue`` whose rim is at least HOLE_MIN_THICK_RIM ``thick`` (the trachea
+    behind a thin anterior neck, lungs behind a thin chest wall); a couch's hollow core, rimmed by
+    thin shells only, is not one."""
+    holes = _fill_holes_inplane(tissue) & ~tissue
+    tight = _bbox(holes)
+    if tight is None:
+        return holes
+    box = (tight[0], *(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(tight[1:], tissue.shape[1:])))
+    inside = holes[box]
+    labels, n = ndimage.label(inside, structure=_INPLANE4)
+    near = ndimage.maximum_filter(labels, size=(1, 3, 3), mode="constant", cval=0)
+    rim = (near > 0) & ~inside
+    owner = near[rim]
+    total = np.bincount(owner, minlength=n + 1)
+    thick_rim = np.bincount(owner, weights=thick[box][rim], minlength=n + 1)
+    keep = thick_rim >= HOLE_MIN_THICK_RIM * np.maximum(total, 1)
+    keep[0] = False
+    out = np.zeros(tissue.shape, dtype=bool)
+    out[box] = keep[labels]
+    return out
+
+
 def _body_coarse(hu: np.ndarray, frame: _Frame) -> np.ndarray:
     tissue = hu > BODY_HU
     if not tissue.any():
         return tissue
     size = _odd(COUCH_OPEN_MM, min(frame.spacing[1], frame.spacing[2]))
+    # Holes of the patient are solid for the opening: a wall thinner than the opening (the front of
+    # the neck over the larynx, a thin chest wall over a lung) is not cut off.
+    tissue |= _patient_holes(tissue, _dilate(_erode(tissue, size), size) if size > 1 else tissue)
     opened = _dilate(_erode(tissue, size), size) if size > 1 else tissue
     labels, n = ndimage.label(opened, structure=_CONN6)
     if n == 0:  # nothing survives the opening (a thin object): no couch separation possible
@@ -456,10 +488,29 @@ def _lungs_coarse(hu: np.ndarray, body: np.ndarray, frame: _Frame) -> tuple[np.n
         sub_left[jbox] |= split_left
         sub_right[jbox] |= split_right
     del labels
+    # 4. Lungs lie to the side of the midline: a component centred on it (nasal cavity, pharynx,
+    # oesophagus, a midline bowel loop) is not one.
+    sub_left = _lateral(sub_left, sub_frame, midline, +1)
+    sub_right = _lateral(sub_right, sub_frame, midline, -1)
     sub_body = body[box]
     left[box] = _fill_holes_inplane(sub_left) & sub_body
     right[box] = _fill_holes_inplane(sub_right) & sub_body & ~left[box]
     return left, right
+
+
+def _lateral(mask: np.ndarray, frame: _Frame, midline: np.ndarray, side: int) -> np.ndarray:
+    """The 3-D components of ``mask`` whose centre lies at least LUNG_MIN_OFFSET_MM to ``side``
+    (+1 patient left, −1 right) of the midline."""
+    labels, n = ndimage.label(mask, structure=_CONN6)
+    if n == 0:
+        return mask
+    k, i, j = np.nonzero(mask)
+    lab = labels[k, i, j]
+    offset = np.bincount(lab, weights=frame.x_of(k, i, j) - midline[k], minlength=n + 1) / np.maximum(
+        np.bincount(lab, minlength=n + 1), 1)
+    keep = side * offset >= LUNG_MIN_OFFSET_MM
+    keep[0] = False
+    return keep[labels]
 
 
 def _pure_air_hu(hu: np.ndarray, body: np.ndarray) -> float:

@@ -32,7 +32,13 @@ from tests.harness.nifti import (
     nifti_to_volume,
     read_nifti,
 )
-from tests.harness.synthetic_ct import HU_LUNG, Y_BACK, body_mask_lps, phantom_hu
+from tests.harness.synthetic_ct import (
+    HU_LUNG,
+    Y_BACK,
+    body_mask_lps,
+    phantom_hu,
+    phantom_landmarks,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TOTALSEG = SHARED / "nifti" / "totalseg"
@@ -67,7 +73,8 @@ def sample(geometry: Geometry, position: str = "HFS", *, extras: tuple[str, ...]
     """HU volume and truth labels (0 / BODY / LEFT_LUNG / RIGHT_LUNG) of the phantom on ``geometry``.
 
     ``extras`` adds: "airway" (trachea above the lungs and main bronchi into both: not lung),
-    "bowel" (a gas pocket below the lungs: not lung), "junction" (the lungs touch anteriorly: lung,
+    "bowel" (a gas pocket below the lungs: not lung), "nasal" (midline air of lung density high
+    up: not lung), "larynx" (an airway behind a thin front of the neck: BODY, filled), "junction" (the lungs touch anteriorly: lung,
     split at x = 0), "left-only" (no right lung, the left one reaches across the midline), "couch-contact" (a couch plate touching the back: not body), "arms" (an arm on
     each side, separate from the trunk: body).
     """
@@ -94,6 +101,13 @@ def sample(geometry: Geometry, position: str = "HFS", *, extras: tuple[str, ...]
         gas = ((x - 60) ** 2 + (y - yc) ** 2 < 25.0 ** 2) & (z > -140) & (z < -100) & body
         hu[gas] = -1000.0
         lung &= ~gas
+    if "nasal" in extras:  # midline air of lung-like density above the lungs (a nasal cavity)
+        hu[(np.abs(x) < 12) & (y > 10) & (y < 40) & (z > 250) & (z < 300) & body] = -700.0
+    if "larynx" in extras:  # an airway 20 mm wide behind 8 mm of tissue at the front of the neck
+        for zk in np.unique(np.round(z, 3)):
+            if 250 < zk < 320:
+                front = phantom_landmarks(float(zk))["fat"][0][1] - 5.0  # the fat point is 5 mm inside
+                hu[(np.abs(z - zk) < 1e-3) & (x ** 2 + (y - front - 18.0) ** 2 < 10.0 ** 2)] = -1000.0
     if "couch-contact" in extras:
         hu[(y >= Y_BACK) & (y < Y_BACK + 8) & (np.abs(x) < 200)] = 200.0
     if "arms" in extras:
@@ -181,18 +195,47 @@ def test_fine_grid_with_odd_sizes_is_refined_at_full_resolution() -> None:
     assert np.array_equal(left, labels == LEFT_LUNG) and np.array_equal(right, labels == RIGHT_LUNG)
 
 
-def test_airway_and_bowel_gas_are_not_lung() -> None:
-    geometry = axial("HFS", slices=90, z_low=-170.0)
-    hu, truth = sample(geometry, extras=("airway", "bowel"))
+def test_airway_bowel_gas_and_nasal_cavity_are_not_lung() -> None:
+    geometry = axial("HFS", slices=90, z_low=-170.0)  # up to z = 275 mm, where the neck still encloses them
+    hu, truth = sample(geometry, extras=("airway", "bowel", "nasal"))
     labels = segment_body_lungs(hu, geometry)
     check(labels, truth)
     points = patient_points(geometry)
     trachea = (points[..., 0] ** 2 + (points[..., 1] - 15) ** 2 < 6.0 ** 2) & (points[..., 2] > 215)
     gas = (hu < -900) & (points[..., 2] < -105) & (points[..., 2] > -135) & (truth == BODY)
     assert np.count_nonzero(trachea) > 20 and np.count_nonzero(gas) > 100
-    assert not np.any(labels[trachea] >= LEFT_LUNG)
-    assert not np.any(labels[gas] >= LEFT_LUNG)
-    assert np.all(labels[trachea | gas] == BODY)  # filled: inside the External
+    nasal = (np.abs(points[..., 0]) < 12) & (points[..., 2] > 250) & (hu < -500) & (truth == BODY)
+    assert np.count_nonzero(nasal) > 20
+    assert not np.any(labels[trachea | gas | nasal] >= LEFT_LUNG)
+    assert np.all(labels[trachea | gas | nasal] == BODY)  # filled: inside the External
+
+
+def test_thin_front_of_the_neck_over_the_larynx_stays_in_body() -> None:
+    geometry = axial("HFS", slices=20, z_low=230.0)
+    hu, truth = sample(geometry, extras=("larynx",))
+    labels = segment_body_lungs(hu, geometry)
+    assert dice(labels > 0, truth > 0) >= 0.99
+    assert np.all(labels[(hu < -900) & (truth > 0)] == BODY)  # the airway is inside the External
+
+
+def test_thin_chest_wall_over_the_lungs_stays_in_body() -> None:
+    # Lungs reaching to 8 mm under the front skin (a thin patient): the wall is thinner than the
+    # couch opening, yet BODY keeps it and the lungs stay lungs.
+    geometry = axial("HFS", slices=30, z_low=10.0)  # rows run along +y (anterior → posterior)
+    hu, truth = sample(geometry)
+    x = patient_points(geometry)[..., 0]
+    body = truth > 0
+    front = np.argmax(body, axis=1)  # first body row per (slice, column)
+    rows = np.arange(body.shape[1])[None, :, None]
+    depth = (rows - front[:, None, :]) * geometry.spacing[1]
+    extension = body & (depth >= 8) & (depth < 40) & (np.abs(x) > 30) & (np.abs(x) < 120)
+    hu[extension] = HU_LUNG + np.random.default_rng(1).normal(0, 10, np.count_nonzero(extension))
+    truth[extension & (x > 0)] = LEFT_LUNG
+    truth[extension & (x < 0)] = RIGHT_LUNG
+    labels = segment_body_lungs(hu, geometry)
+    check(labels, truth, body=0.99, lung=0.97)
+    wall = body & (depth < 8) & (np.abs(x) > 40) & (np.abs(x) < 110)
+    assert np.all(labels[wall] == BODY)
 
 
 def test_lungs_touching_at_the_anterior_junction_are_split() -> None:
