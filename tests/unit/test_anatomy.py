@@ -18,6 +18,7 @@ import pytest
 from scipy import ndimage
 
 from node.assemble.volume import Geometry, build_volume, read_series
+from node.errors import InferenceError
 from node.infer.anatomy import (
     BODY,
     LEFT_LUNG,
@@ -135,7 +136,9 @@ def axial(position: str, *, slices: int = 80, size: int = 128, pixel: float = 4.
     """An axial grid as scanners write it for each patient position (row/column directions in LPS)."""
     half = size * pixel / 2
     rows = {"HFS": ((1, 0, 0), (0, 1, 0)), "FFS": ((-1, 0, 0), (0, 1, 0)),
-            "HFP": ((-1, 0, 0), (0, -1, 0)), "FFP": ((1, 0, 0), (0, -1, 0))}
+            "HFP": ((-1, 0, 0), (0, -1, 0)), "FFP": ((1, 0, 0), (0, -1, 0)),
+            # Decubitus: images turned a quarter (rows along the patient's y).
+            "HFDL": ((0, 1, 0), (-1, 0, 0)), "HFDR": ((0, -1, 0), (1, 0, 0))}
     row, col = rows[position]
     normal = np.cross(row, col)
     z0 = z_low if normal[2] > 0 else z_low + (slices - 1) * slice_mm
@@ -150,13 +153,14 @@ def check(labels: np.ndarray, truth: np.ndarray, *, body: float = 0.98, lung: fl
     assert dice(labels == RIGHT_LUNG, truth == RIGHT_LUNG) >= lung
 
 
-@pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP"])
+@pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP", "HFDL", "HFDR"])
 def test_axial_patient_positions_keep_patient_left_and_drop_the_couch(position: str) -> None:
     geometry = axial(position)
     hu, truth = sample(geometry, position)
     labels = segment_body_lungs(hu, geometry)
     check(labels, truth)
-    # The couch (+200 HU, posterior for supine, anterior for prone) is outside BODY.
+    # The couch (+200 HU; posterior for supine, anterior for prone, at the side for decubitus) is
+    # outside BODY.
     couch = (hu > 150) & (truth == 0)
     assert np.count_nonzero(couch) > 500
     assert np.count_nonzero(labels[couch]) <= 0.01 * np.count_nonzero(couch)
@@ -292,7 +296,7 @@ def test_few_slices_and_volumes_without_patient_or_lungs() -> None:
 
 def test_bad_input_is_refused_with_a_sentence() -> None:
     geometry = axial("HFS", slices=4)
-    with pytest.raises(ValueError, match="geometry describes"):
+    with pytest.raises(InferenceError, match="geometry describes"):
         segment_body_lungs(np.zeros((3, 128, 128), dtype=np.float32), geometry)
 
 
