@@ -48,6 +48,7 @@ are taken for gas.
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ PURE_AIR_MAX_HU = -880.0
 #: most COARSE_MAX_VOXELS voxels in all (larger volumes get larger blocks).
 COARSE_MM = 2.0
 MAX_FACTOR = 4
-COARSE_MAX_VOXELS = 10_000_000
+COARSE_MAX_VOXELS = 9_000_000
 #: In-plane opening that separates the couch from the patient (side of the square), mm.
 COUCH_OPEN_MM = 15.0
 #: An in-plane hole of the tissue counts as the patient's (and is solid for the opening) when at
@@ -146,15 +147,21 @@ def _frame(geometry: Geometry, shape: tuple[int, int, int]) -> _Frame:
         np.asarray(geometry.row_dir, dtype=np.float64) * geometry.spacing[2],
     ]
     sizes = [float(geometry.spacing[0]), float(geometry.spacing[1]), float(geometry.spacing[2])]
-    factors = [1 if n < 2 else int(min(MAX_FACTOR, max(1, round(COARSE_MM / s)))) for s, n in zip(sizes, shape)]
-    # Large volumes get a coarser grid (the axis with the finest coarse voxels first), so the time
-    # is bounded: a 300×512×512 CT of 3 mm slices is worked on at 300×171×171.
-    while np.prod([-(-n // f) for n, f in zip(shape, factors)]) > COARSE_MAX_VOXELS:
-        candidates = [a for a in range(3) if factors[a] < MAX_FACTOR and shape[a] > factors[a]]
-        if not candidates:
-            break
-        axis = min(candidates, key=lambda a: sizes[a] * factors[a])
-        factors[axis] += 1
+    base = [1 if n < 2 else int(min(MAX_FACTOR, max(1, round(COARSE_MM / s)))) for s, n in zip(sizes, shape)]
+    # Large volumes get a coarser grid, so the time is bounded: of the block sizes that keep the grid
+    # within COARSE_MAX_VOXELS, the one whose coarsest axis is finest (300 slices of 3 mm at 0.98 mm
+    # pixels: 300×171×171).
+    square = abs(sizes[1] - sizes[2]) <= 0.01 * max(sizes[1], sizes[2])  # square pixels stay square
+    choices: list[tuple[int, ...]] = list(
+        itertools.product(*[range(b, MAX_FACTOR + 1) if n > 1 else (1,) for b, n in zip(base, shape)]))
+    fitting = [f for f in choices if np.prod([-(-n // k) for n, k in zip(shape, f)]) <= COARSE_MAX_VOXELS
+               and (not square or f[1] == f[2] or 1 in shape[1:])]
+
+    def coarseness(f: tuple[int, ...]) -> tuple[float, int]:
+        return max(s * k for s, k in zip(sizes, f)), f[0] * f[1] * f[2]
+
+    best: tuple[int, ...] = min(fitting, key=coarseness) if fitting else tuple(MAX_FACTOR if n > 1 else 1 for n in shape)
+    factors = list(best)
     # Head–feet axis: the voxel axis whose direction is closest to patient z.
     cosines = [abs(step[2]) / max(np.linalg.norm(step), 1e-9) for step in steps]
     head_feet = int(np.argmax(cosines))
