@@ -3,8 +3,9 @@
 serve    run the service (receive → assemble → infer → write → send)
 segment  the same pipeline offline, on files and folders
 echo     C-ECHO a DICOM peer
-status   what the service's index holds: series, jobs, outbox
+status   what the service's index holds: series, jobs, outbox, retention figures
 retry    resend dead-lettered results
+replay   send a finished series' results again (same files, same SOP Instance UIDs)
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node import __version__
 from node.config import NodeConfig, load_config, parse_destination, with_overrides
-from node.errors import Declined, NodeError, Retryable
+from node.errors import Declined, NodeError, Permanent, Retryable
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from node.spool.retention import RetentionFigures
 
 log = logging.getLogger("node")
 
@@ -196,17 +203,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from node.spool.index import Index
+    from node.spool.retention import figures
 
     cfg = _load(args)
     if not cfg.index_path.exists():
         print(f"no index at {cfg.index_path}: the service has not run with this state directory")
         return 1
     index = Index(cfg.index_path)
+    kept = figures(cfg, index)
     if args.json:
         print(json.dumps({
             "series": [s.__dict__ | {"state": s.state.value} for s in index.all_series()],
             "jobs": [j.__dict__ | {"state": j.state.value} for j in index.jobs(args.limit)],
             "outbox": [o.__dict__ | {"state": o.state.value, "path": str(o.path)} for o in index.outbox(args.limit)],
+            "retention": kept.as_dict(),
         }, indent=2))
         return 0
     console = Console()
@@ -233,6 +243,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         t.add_row(str(o.id), str(o.job_id), o.destination, o.path.name, o.state.value, str(o.attempts), nxt,
                   o.last_status)
     console.print(t)
+    console.print(_retention_table(kept))
     return 0
 
 
@@ -243,6 +254,99 @@ def cmd_retry(args: argparse.Namespace) -> int:
     n = Index(cfg.index_path).retry_dead()
     print(f"{n} dead-lettered object(s) queued for sending again")
     return 0
+
+
+def _retention_table(kept: RetentionFigures) -> Table:
+    from rich.table import Table
+
+    from node.spool.retention import format_age as _age
+
+    limit = f"{kept.max_spool_gb:g} GB" if kept.max_spool_gb else "no limit"
+    t = Table(title="retention", show_header=False)
+    t.add_column("what")
+    t.add_column("value", overflow="fold")
+    t.add_row("spool", f"{kept.spool_bytes / 1e6:.1f} MB in {kept.instance_count} instance(s)")
+    t.add_row("results", f"{kept.results_bytes / 1e6:.1f} MB")
+    t.add_row("total / max_spool_gb", f"{kept.total_bytes / 1e9:.3f} GB / {limit}")
+    t.add_row("series", str(kept.series_count))
+    t.add_row("oldest series, last activity", _age(kept.oldest_activity_age_s))
+    t.add_row("oldest series, first received", _age(kept.oldest_received_age_s))
+    t.add_row(f"past keep_days = {kept.keep_days:g}, finished", f"{kept.deletable_now} (deleted at the next pass)")
+    t.add_row("held: not finished or not delivered", f"{kept.held} (never deleted; {kept.held_dead_letters} with "
+              "dead letters, which `retry` resends)")
+    return t
+
+
+# --------------------------------------------------------------------------------------- replay
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Queue a finished series' results for sending again: the same files, so the same SOP Instance UIDs."""
+    from node.domain import JobState, SeriesState
+    from node.spool.index import Index
+
+    cfg = _load(args)
+    if not cfg.index_path.exists():
+        print(f"no index at {cfg.index_path}: the service has not run with this state directory")
+        return 1
+    index = Index(cfg.index_path)
+    uid = args.series
+    series = index.series(uid)
+    if series is None:
+        raise Permanent(f"series {uid} is not in the index at {cfg.index_path}: it was never received here, or "
+                        "retention deleted it (see retention.keep_days and retention.max_spool_gb)")
+    jobs = index.series_jobs(uid)
+    busy = [j for j in jobs if j.state in (JobState.QUEUED, JobState.RUNNING)]
+    if series.state is SeriesState.RECEIVING or busy:
+        raise Permanent(f"series {uid} is not finished (series {series.state.value}, "
+                        f"{len(busy)} job(s) queued or running); replay it once its jobs have ended")
+    # The newest finished job of each bundle: a series that was reopened and segmented again has
+    # older results that the newer ones replace.
+    done = list({j.bundle: j for j in jobs if j.state is JobState.DONE}.values())
+    if not done:
+        states = ", ".join(f"job {j.id} {j.state.value}" for j in jobs) or f"no jobs: series {series.state.value}"
+        raise Permanent(f"series {uid} has no finished job with results to send ({states})")
+    objects: list[tuple[int, Path, str, str]] = []
+    known: set[str] = set()
+    for job in done:
+        rows = index.job_outbox(job.id)
+        known.update(r.destination for r in rows)
+        found = {(r.path, r.sop_instance_uid, r.sop_class_uid) for r in rows} or _result_files(job.result_dir)
+        objects.extend((job.id, *obj) for obj in sorted(found))
+    configured = [d.name for d in cfg.destinations]
+    if args.replay_destination:
+        unknown = [n for n in args.replay_destination if n not in known and n not in configured]
+        if unknown:
+            raise Permanent(f"destination(s) {', '.join(map(repr, unknown))} unknown: this series was sent to "
+                            f"{sorted(known) or 'none'}, the configuration names {configured or 'none'}")
+        targets = list(dict.fromkeys(args.replay_destination))
+    else:
+        targets = sorted(known) or configured
+    if not targets:
+        raise Permanent(f"series {uid} was never queued for a destination; name one with --destination NAME "
+                        "(a [[destinations]] name of the running service)")
+    if not objects:
+        raise Permanent(f"series {uid}: its finished job(s) {', '.join(str(j.id) for j in done)} wrote no objects")
+    missing = [str(path) for _, path, _, _ in objects if not path.is_file()]
+    if missing:
+        raise Permanent(f"series {uid}: result file(s) {', '.join(missing)} are missing; nothing was queued")
+    items = [(job_id, dest, path, sop_uid, sop_class) for dest in targets for job_id, path, sop_uid, sop_class in objects]
+    n = index.requeue_results(items, note="queued again by replay")
+    print(f"{n} object(s) of series {uid} queued for sending again to {', '.join(targets)} "
+          f"(the running service sends them; `status` shows progress)")
+    return 0
+
+
+def _result_files(result_dir: str) -> set[tuple[Path, str, str]]:
+    """The DICOM objects in a job's result folder: (path, SOP Instance UID, SOP Class UID)."""
+    found: set[tuple[Path, str, str]] = set()
+    if not result_dir or not Path(result_dir).is_dir():
+        return found
+    for path in sorted(Path(result_dir).glob("*.dcm")):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        found.add((path, str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
+    return found
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -294,6 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retry", help="resend dead-lettered results", description="Queue dead letters again.")
     add_config(p)
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("replay", help="send a finished series' results again",
+                       description="Queue the results of a finished series for sending again (for example after "
+                                   "a PACS lost them): the same files with the same SOP Instance UIDs, so a "
+                                   "destination that still has them de-duplicates.")
+    add_config(p)
+    p.add_argument("--series", required=True, metavar="UID", help="Series Instance UID of the source series")
+    p.add_argument("--destination", dest="replay_destination", action="append", metavar="NAME",
+                   help="destination name (repeatable); default: every destination the series was sent to")
+    p.set_defaults(func=cmd_replay)
     return parser
 
 

@@ -61,6 +61,9 @@ class NodeConfig:
     seg_type: str = "BINARY"
     preview_png: bool = False
     preview_sc: bool = False
+    retention_keep_days: float = 7.0
+    retention_max_spool_gb: float = 0.0
+    retention_interval_s: float = 300.0
     source: str = "(embedded defaults)"
 
     @property
@@ -157,6 +160,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     engines = _Table(top.get("engines", dict, {}), "engines.", source)
     send = _Table(top.get("send", dict, {}), "send.", source)
     output = _Table(top.get("output", dict, {}), "output.", source)
+    retention = _Table(top.get("retention", dict, {}), "retention.", source)
     dest_list = top.get("destinations", list, [])
     top.finish()
 
@@ -196,9 +200,12 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         seg_type=output.get("seg_type", str, defaults.seg_type),
         preview_png=output.get("preview_png", bool, defaults.preview_png),
         preview_sc=output.get("preview_sc", bool, defaults.preview_sc),
+        retention_keep_days=retention.positive("keep_days", defaults.retention_keep_days),
+        retention_max_spool_gb=retention.positive("max_spool_gb", defaults.retention_max_spool_gb, allow_zero=True),
+        retention_interval_s=retention.positive("interval_s", defaults.retention_interval_s),
         source=source,
     )
-    for table in (node, assemble, engines, send, output):
+    for table in (node, assemble, engines, send, output, retention):
         table.finish()
     if cfg.engine_backend not in ("cpu", "auto"):
         raise ConfigError(f"{source}: key 'engines.backend' is {cfg.engine_backend!r}; expected 'cpu' or 'auto'")

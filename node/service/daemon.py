@@ -1,7 +1,8 @@
 """The composition root: builds every stage from one config and runs them until told to stop.
 
-Threads in this process: the receiver (pynetdicom's association threads) and one loop that
-settles series, supervises workers and sends the outbox. Worker processes run the segmentation.
+Threads in this process: the receiver (pynetdicom's association threads), the main loop that
+settles series, supervises workers and applies retention (``node.spool.retention``), and a sender
+thread for the outbox. Worker processes run the segmentation.
 SIGTERM/SIGINT: stop accepting associations, let workers finish their current job (or abandon it
 to the queue after a timeout), and exit; everything acknowledged is already durable.
 """
@@ -28,6 +29,7 @@ from node.send.outbox import Sender
 from node.service.sdnotify import notify, watchdog_interval_s
 from node.spool.index import Index
 from node.spool.recover import reconcile
+from node.spool.retention import Retention
 from node.spool.store import Spool
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class Service:
         self.assembler = Assembler(self.index, self.bundles)
         self.sender = Sender(cfg, self.index)
         self.workers = WorkerPool(cfg, self.index)
+        self.retention = Retention(cfg, self.index)
 
     def _recover(self) -> None:
         removed = self.spool.clean_tmp()
@@ -79,6 +82,9 @@ class Service:
         for part in self.cfg.results_dir.glob("*/*.part"):
             part.unlink(missing_ok=True)
             removed += 1
+        # Before reconcile: spool files whose rows retention had already deleted when the node stopped
+        # must go, not be indexed again as a new series (see node.spool.retention).
+        self.retention.finish_pending()
         reconcile(self.spool, self.index, quiet_period_s=self.cfg.quiet_period_s)
         requeued = requeue_after_crash(self.index)
         if removed or requeued:
@@ -113,8 +119,12 @@ class Service:
         Sending runs on its own thread (``_send_loop``): a destination that accepts a connection
         and never answers holds that thread for up to ``send.timeout_s``, and must not hold up
         settling series, supervising workers or the systemd watchdog.
+        Retention runs here too, at the first turn and then every ``retention.interval_s``, for at
+        most a few seconds a turn (``node.spool.retention.PASS_BUDGET_S``).
         """
-        for name, action in (("assemble", self.assembler.poll), ("supervise", self.workers.supervise)):
+        actions = (("assemble", self.assembler.poll), ("supervise", self.workers.supervise),
+                   ("retention", self.retention.maybe_run))
+        for name, action in actions:
             try:
                 action()
             except Exception:
