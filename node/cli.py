@@ -153,8 +153,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 outcome = run_job(s.paths, bundle, engine, out_dir, provenance=Provenance.now(cfg.ae_title),
                                   write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct,
                                   preview_png=args.preview or cfg.preview_png, preview_sc=cfg.preview_sc,
-                                  seg_type=cfg.seg_type)
+                                  seg_type=cfg.seg_type, derive_missing_uids=True)
                 result = "ok: " + ", ".join(str(o.path) for o in outcome.objects)
+                if outcome.note:
+                    result += f" (note: {outcome.note})"
                 structures = ", ".join(outcome.structures)
             except Declined as exc:  # the model does not apply: said, not a failure
                 result, structures = f"declined: {exc}", "-"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class JobOutcome:
     structures: list[str]
     objects: list[WrittenObject]
     timings: dict[str, float] = field(default_factory=dict)
+    note: str = ""  # something the user should know about the result
 
 
 class _Stopwatch:
@@ -42,6 +44,27 @@ class _Stopwatch:
         now = time.perf_counter()
         self.timings[name] = round(now - self._t, 3)
         self._t = now
+
+
+def derive_missing_filing_uids(volume: Volume) -> str:
+    """Give a series whose datasets have empty Study/Series Instance UIDs derived ones, in memory.
+
+    For the offline ``segment`` command only: some real files carry their UIDs only in the file meta
+    (the service refuses such instances at C-STORE, 0xA900). The derived UIDs are deterministic
+    (a name-based UUID of the instances' SOP Instance UIDs) so a rerun gives the same objects. Returns
+    a note for the user ('' when nothing was missing).
+    """
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID")
+               if any(not str(h.get(k, "") or "") for h in volume.headers)]
+    if not missing:
+        return ""
+    basis = "\n".join(sorted(volume.sop_instance_uids))
+    derived = {k: f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, k + chr(10) + basis).int}" for k in missing}
+    for header in volume.headers:
+        for keyword, value in derived.items():
+            setattr(header, keyword, value)
+    return (f"empty {' and '.join(missing)} in the files: results carry derived UIDs "
+            f"({', '.join(derived.values())}) and will not file into the source's study in a PACS")
 
 
 def check_volume_series(volume: Volume, bundle: Bundle) -> None:
@@ -74,6 +97,7 @@ def run_job(
     preview_png: bool = False,
     preview_sc: bool = False,
     seg_type: str = "BINARY",
+    derive_missing_uids: bool = False,
 ) -> JobOutcome:
     """Read, assemble, segment and write one series with one bundle; return what was written."""
     watch = _Stopwatch()
@@ -82,6 +106,7 @@ def run_job(
     volume = build_volume(datasets)
     del datasets
     watch.lap("assemble")
+    note = derive_missing_filing_uids(volume) if derive_missing_uids else ""
     check_volume_series(volume, bundle)
     series_uid = str(volume.headers[0].SeriesInstanceUID)
     labels = segment_volume(volume, bundle, engine)
@@ -103,4 +128,5 @@ def run_job(
         structures=[label.name for label in found],
         objects=objects,
         timings=watch.timings,
+        note=note,
     )
