@@ -59,7 +59,8 @@ def make_volume(path: Path) -> str:
         big = phantom_hu(points).astype(np.float32)
         source = "analytic phantom (shared data not found)"
     normal = np.cross(row_dir, col_dir)
-    np.savez(path, voxels=big.astype(np.float32), spacing=np.array(spacing), row_dir=row_dir, col_dir=col_dir,
+    # HU are integers: the node holds a CT volume as int16 (node.assemble.volume), so does the benchmark.
+    np.savez(path, voxels=np.rint(big).astype(np.int16), spacing=np.array(spacing), row_dir=row_dir, col_dir=col_dir,
              normal=normal)
     return source
 
@@ -70,7 +71,7 @@ def load_volume(path: Path) -> Volume:
     normal = data["normal"]
     geometry = Geometry(origin=np.zeros(3), row_dir=data["row_dir"], col_dir=data["col_dir"], normal=normal,
                         slice_step=spacing[0] * normal, spacing=spacing, shape=SHAPE)  # type: ignore[arg-type]
-    return Volume(np.ascontiguousarray(data["voxels"], dtype=np.float32), geometry, [])
+    return Volume(np.ascontiguousarray(data["voxels"]), geometry, [])
 
 
 def child(volume_path: Path, bundle_names: list[str], threads: int) -> None:

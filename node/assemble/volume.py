@@ -127,7 +127,9 @@ class Geometry:
 class Volume:
     """A series' pixels in Hounsfield units (or the modality's rescaled unit), in slice order."""
 
-    voxels: np.ndarray  # float32, (slices, rows, columns)
+    #: (slices, rows, columns): int16 when every rescaled value is an integer that fits (CT in HU:
+    #: half the memory of float32), else float32. Consumers that compute take float32 copies of what they need.
+    voxels: np.ndarray
     geometry: Geometry
     headers: list[Dataset]  # per slice, pixel data removed, same order as voxels
 
@@ -298,6 +300,22 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return slope, intercept
 
 
+def _voxel_dtype(datasets: Sequence[Dataset], rescale: Sequence[tuple[float, float]]) -> type:
+    """int16 when every slice's stored values, rescaled, are integers within int16 (CT in HU), else float32.
+
+    Decided from BitsStored, PixelRepresentation and the rescale before any pixel is decoded."""
+    for ds, (slope, intercept) in zip(datasets, rescale):
+        bits = ds.get("BitsStored")
+        if not isinstance(bits, int) or not 1 <= bits <= 16 or slope != int(slope) or intercept != int(intercept):
+            return np.float32
+        signed = ds.get("PixelRepresentation") == 1
+        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        ends = (low * slope + intercept, high * slope + intercept)
+        if min(ends) < -32768 or max(ends) > 32767:
+            return np.float32
+    return np.int16
+
+
 def build_volume(datasets: Sequence[Dataset]) -> Volume:
     """Sort, check and stack a single-frame series into a :class:`Volume`."""
     if not datasets:
@@ -395,7 +413,7 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
             f"the series would be {len(ordered)} slices of {rows}×{cols} = {count:,} voxels "
             f"({count * 4 / 2**30:.1f} GiB as float32); the node handles at most {MAX_VOXELS:,}"
         )
-    voxels = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    voxels = np.empty((len(ordered), rows, cols), dtype=_voxel_dtype(ordered, [rescale[i] for i in order]))
     headers: list[Dataset] = []
     for k, ds in enumerate(ordered):
         try:
@@ -415,8 +433,16 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
                 f"where Rows and Columns say {rows}×{cols}"
             )
         slope, intercept = rescale[order[k]]
-        np.multiply(pixels, slope, out=voxels[k], casting="unsafe")
-        voxels[k] += intercept
+        if voxels.dtype == np.float32:
+            np.multiply(pixels, slope, out=voxels[k], casting="unsafe")
+            voxels[k] += intercept
+        else:
+            values = pixels * slope + intercept if (slope, intercept) != (1.0, 0.0) else pixels
+            if values.size and (values.min() < -32768 or values.max() > 32767):  # bits above BitsStored set
+                voxels = voxels.astype(np.float32)
+                voxels[k] = values
+            else:
+                voxels[k] = values
         header = ds.copy()
         del header.PixelData
         headers.append(header)

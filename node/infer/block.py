@@ -22,6 +22,7 @@ from node.infer.coverage import check_body_width
 from node.infer.crop import abdomen_box
 from node.infer.engine import Engine
 from node.infer.median import median3
+from node.infer.memory import release_free_memory
 from node.infer.orient import Reorientation, reorientation
 from node.infer.transforms import mask_to_grid, normalise, resample_centred
 
@@ -116,7 +117,10 @@ def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.n
     image = resample_centred(image, image_spacing, pre.spacing_mm)
     image = normalise(image, pre)
     pad = win.pad_value if win.pad_value is not None else (pre.clip[0] + pre.offset) * pre.scale
-    output = engine.run(place_in_block(image, win.block, pad))
+    block = place_in_block(image, win.block, pad)
+    release_free_memory()  # the preprocessing's freed temporaries, before the network's ~2 GB
+    output = engine.run(block)
+    del block
     if output.ndim != 5 or output.shape[0] != 1:
         raise InferenceError(f"{engine.name} returned shape {output.shape}; expected (1, K, D, H, W)")
     probabilities = image_probabilities(output[0], image.shape, win.block, win.output_margin)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from node.errors import BundleError
 from node.infer.bundle import Bundle
 from node.infer.coverage import check_coverage
 from node.infer.engine import Engine
+from node.infer.memory import release_free_memory
 from node.infer.transforms import labels_on_native_grid, postprocess, to_model_grid
 from node.infer.window import sliding_window
 
@@ -48,6 +49,7 @@ def segment_volume(volume: Volume, bundle: Bundle, engine: Engine | None) -> np.
     Raises :class:`node.errors.Declined` when the series is outside the bundle's coverage.
     """
     check_coverage(bundle, volume.geometry)
+    release_free_memory()  # what an earlier job left in the heap
     if bundle.model_kind == "builtin":
         labels = _builtin(volume, bundle)
     elif engine is None:
