@@ -413,7 +413,7 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
             f"the series would be {len(ordered)} slices of {rows}×{cols} = {count:,} voxels "
             f"({count * 4 / 2**30:.1f} GiB as float32); the node handles at most {MAX_VOXELS:,}"
         )
-    voxels = np.empty((len(ordered), rows, cols), dtype=_voxel_dtype(ordered, [rescale[i] for i in order]))
+    voxels: np.ndarray = np.empty((len(ordered), rows, cols), dtype=_voxel_dtype(ordered, [rescale[i] for i in order]))
     headers: list[Dataset] = []
     for k, ds in enumerate(ordered):
         try:
