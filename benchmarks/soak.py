@@ -35,8 +35,8 @@ Memory is "flat" when both RSS slopes are below ``--flat-mib-per-hour`` (default
 slope is below 10 per hour. A 10-minute run only resolves slopes of roughly ±20 MiB/h on the
 service: an hour or more gives a much sharper answer.
 
-Disk: the node keeps every received instance and every result (it has no retention policy yet),
-so the state directory grows by about ``slices × (matrix² × 2 + 1.7 KiB)`` per series (10 MiB at
+Disk: the node's retention (``[retention] keep_days``, default 7 days) deletes finished, delivered
+series only after days, so during a soak the state directory grows by about ``slices × (matrix² × 2 + 1.7 KiB)`` per series (10 MiB at
 300 × 128²). The run ends early, with a note, when it exceeds ``--max-state-gib`` (default 20).
 storescp's received files are counted and deleted as they arrive.
 

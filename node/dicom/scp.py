@@ -289,6 +289,10 @@ class Receiver:
             self.index.add_instance(
                 meta, path=path, size=size, calling_ae=calling, quiet_period_s=self.cfg.quiet_period_s
             )
+            if not path.is_file():
+                # Retention deleted this series' files between our write and our row (the instance was
+                # sent again while its old copy was being cleaned up): write it again before answering.
+                self.spool.store(sop_uid, [header, dataset])
         except sqlite3.Error as exc:
             log.error("C-STORE from %s of %s failed (0x%04X): the index could not record it: %s",
                       calling, sop_uid, Status.PROCESSING_FAILURE, exc)
