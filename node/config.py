@@ -6,6 +6,7 @@ composition root (``node.service.daemon``) builds one ``NodeConfig`` and passes 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -34,6 +35,55 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class AllowedPeer:
+    """An entry of ``node.allowed_calling_aes``: a calling AE title, optionally bound to one IP address."""
+
+    ae_title: str
+    address: str | None = None  # the normalised IP literal, or None for any address
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        """True when a peer calling as ``ae_title`` from ``address`` is this entry."""
+        if ae_title.strip() != self.ae_title:
+            return False
+        return self.address is None or normalise_address(address) == self.address
+
+    def __str__(self) -> str:
+        return self.ae_title if self.address is None else f"{self.ae_title}@{self.address}"
+
+
+def normalise_address(text: str) -> str | None:
+    """The canonical form of an IPv4/IPv6 literal (an IPv4-mapped IPv6 address as IPv4), else None."""
+    try:
+        ip = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def calling_ae_allowed(allowed: tuple[AllowedPeer, ...], ae_title: str, address: str) -> bool:
+    """The allow-list check: an empty list allows any peer."""
+    return not allowed or any(p.matches(ae_title, address) for p in allowed)
+
+
+def parse_allowed_peer(value: Any, where: str) -> AllowedPeer:
+    """Parse ``"AE"`` (from any address) or ``"AE@IP"`` (only from that IPv4/IPv6 address)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: entry {value!r} is not a string (\"AE\" or \"AE@IP\")")
+    if "@" not in value:
+        return AllowedPeer(_ae_title(value, where))
+    title, _, host = value.rpartition("@")
+    address = normalise_address(host)
+    if address is None:
+        raise ConfigError(
+            f"{where}: entry {value!r} binds the AE title to {host!r}, which is not an IPv4 or IPv6 address "
+            "(write \"AE\" for any address or \"AE@IP\", for example \"CT_SCANNER1@10.0.0.5\"; host names are not accepted)"
+        )
+    return AllowedPeer(_ae_title(title, where), address)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything the service needs, validated."""
 
@@ -41,7 +91,7 @@ class NodeConfig:
     port: int = 11112
     bind_address: str = "0.0.0.0"
     state_dir: Path = Path("state")
-    allowed_calling_aes: tuple[str, ...] = ()
+    allowed_calling_aes: tuple[AllowedPeer, ...] = ()
     max_pdu_size: int = 0
     min_free_disk_mb: int = 1024
     workers: int = 1
@@ -174,7 +224,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     ae_title = _ae_title(node.get("ae_title", str, defaults.ae_title), node.where("ae_title"))
     port = _port(node.get("port", int, defaults.port), node.where("port"))
     allowed = node.get("allowed_calling_aes", list, [])
-    allowed_titles = tuple(_ae_title(a, node.where("allowed_calling_aes")) for a in allowed)
+    allowed_titles = tuple(parse_allowed_peer(a, node.where("allowed_calling_aes")) for a in allowed)
     cfg = NodeConfig(
         ae_title=ae_title,
         port=port,

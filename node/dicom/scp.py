@@ -25,7 +25,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import NodeConfig
+from node.config import NodeConfig, calling_ae_allowed
 from node.dicom.filemeta import encode_file_meta
 from node.dicom.framing import FramingError, RawElement, scan
 from node.dicom.guard import PeerGuard
@@ -192,15 +192,14 @@ class Receiver:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        if self.cfg.allowed_calling_aes:
-            ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
         return ae
 
     def start(self) -> None:
         ae = self._make_ae()
         handlers = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-            *self._guard.handlers(),
+            *self._guard.handlers(),  # first: its EVT_REQUESTED rejects malformed requests
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -221,7 +220,7 @@ class Receiver:
             self.cfg.ae_title,
             self.cfg.bind_address,
             self.cfg.port,
-            ", ".join(self.cfg.allowed_calling_aes) or "any",
+            ", ".join(str(p) for p in self.cfg.allowed_calling_aes) or "any",
         )
 
     def stop(self) -> None:
@@ -230,6 +229,27 @@ class Receiver:
             self._server = None
 
     # ------------------------------------------------------------------ handlers
+    def _on_requested(self, event: evt.Event) -> None:
+        """Apply ``node.allowed_calling_aes`` (AE title, optionally bound to an address) before negotiation.
+
+        A peer not on the list gets A-ASSOCIATE-RJ rejected-permanent, source service-user, reason
+        "calling AE title not recognised" (PS3.8 9.3.4), as pynetdicom's own ``require_calling_aet``
+        would answer; that check knows nothing of addresses, so the node makes its own.
+        """
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted or not self.cfg.allowed_calling_aes:
+            return
+        calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
+        address = str(assoc.requestor.address)
+        if calling_ae_allowed(self.cfg.allowed_calling_aes, calling, address):
+            return
+        bound = [str(p.address) for p in self.cfg.allowed_calling_aes if p.ae_title == calling]
+        why = f"allowed only from {', '.join(bound)}" if bound else "not in node.allowed_calling_aes"
+        log.warning("association rejected from calling AE %r at %s:%s: %s (A-ASSOCIATE-RJ: calling AE title "
+                    "not recognised)", calling, address, assoc.requestor.port, why)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+        assoc.kill()  # as pynetdicom does after its own rejections: wait for the RJ to go out
+
     def _on_accepted(self, event: evt.Event) -> None:
         req = event.assoc.requestor
         if not self.cfg.allowed_calling_aes:
@@ -240,8 +260,11 @@ class Receiver:
 
     def _on_rejected(self, event: evt.Event) -> None:
         req = event.assoc.requestor
-        log.warning("association rejected from calling AE %r at %s:%s (not in allowed_calling_aes, "
-                    "or every association slot is in use)", req.ae_title, req.address, req.port)
+        rj = event.assoc.acceptor.primitive
+        log.warning("association rejected from calling AE %r at %s:%s (result %s, source %s, reason %s; "
+                    "every association slot in use, or a called AE or user identity not accepted)",
+                    req.ae_title, req.address, req.port, getattr(rj, "result", "?"),
+                    getattr(rj, "result_source", "?"), getattr(rj, "diagnostic", "?"))
 
     def _on_ended(self, event: evt.Event) -> None:
         with self._lock:
