@@ -2,7 +2,7 @@
 
 The C-STORE handler does the least it can: take the peer's bytes as encoded (no pixel decode), check
 their framing and read a few header attributes (a truncated or garbled dataset is refused with 0xC000,
-one without valid SOP Class, Study and Series Instance UIDs with 0xA900), write them tmp → fsync →
+one without valid SOP Class, SOP Instance, Study and Series Instance UIDs with 0xA900), write them tmp → fsync →
 rename into the spool, commit the instance to the index, and only then answer Success. Inference
 never runs on an association thread. :mod:`node.dicom.guard` keeps peers that break the upper-layer
 protocol from holding the node (stalled PDUs, connections that close before associating, malformed
@@ -89,6 +89,11 @@ def uid_problem(value: str) -> str | None:
     return None
 
 
+def shown_uid(value: str) -> str:
+    """A UID as the log shows it: as is when valid, else quoted and cut short (no raw peer text in logs)."""
+    return value if uid_problem(value) is None else repr(value[:80])
+
+
 def _header_text(found: dict[int, RawElement], tag: int) -> str:
     """The value of a header element as text; DatasetMismatch when its VR or bytes are wrong for it."""
     element = found.get(tag)
@@ -121,7 +126,7 @@ def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: 
     try:
         found = scan(dataset, transfer_syntax, _HEADER)
     except FramingError as exc:
-        raise HeaderError(f"the dataset of SOP Instance {sop_instance_uid} cannot be parsed: {exc}") from exc
+        raise HeaderError(f"the dataset of SOP Instance {shown_uid(sop_instance_uid)} cannot be parsed: {exc}") from exc
     try:
         _header_text(found, SPECIFIC_CHARACTER_SET)
         modality = _header_text(found, MODALITY)
@@ -130,8 +135,11 @@ def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: 
         study_uid = _header_text(found, STUDY_INSTANCE_UID)
         series_uid = _header_text(found, SERIES_INSTANCE_UID)
     except DatasetMismatch as exc:
-        raise DatasetMismatch(f"SOP Instance {sop_instance_uid}: {exc}") from None
+        raise DatasetMismatch(f"SOP Instance {shown_uid(sop_instance_uid)}: {exc}") from None
     problems = []
+    if problem := uid_problem(sop_instance_uid):
+        # The node files by a hash of this UID (never by the UID), but its results reference it.
+        problems.append(f"the request's Affected SOP Instance UID {problem}")
     # A dataset without its own SOPClassUID is not a composite instance: DCMTK's storescu, for one,
     # sends a DICOMDIR under the UIDs of the first image it lists. Accepting it would take that
     # image's UID, and the real image would later be dropped as a duplicate.
@@ -149,7 +157,7 @@ def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: 
     if filing:
         problems.append("; ".join(filing) + " (the node files instances by Study and Series Instance UID)")
     if problems:
-        raise DatasetMismatch(f"SOP Instance {sop_instance_uid}: " + "; ".join(problems))
+        raise DatasetMismatch(f"SOP Instance {shown_uid(sop_instance_uid)}: " + "; ".join(problems))
     return InstanceMeta(
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=sop_class_uid,
@@ -284,7 +292,7 @@ class Receiver:
             transfer_syntax = str(event.context.transfer_syntax)
             dataset = event.encoded_dataset(include_meta=False)
             if not dataset:
-                raise DatasetMismatch(f"the C-STORE request for SOP Instance {sop_uid} carries no dataset")
+                raise DatasetMismatch(f"the C-STORE request for SOP Instance {shown_uid(sop_uid)} carries no dataset")
             header = encode_file_meta(sop_class, sop_uid, transfer_syntax, calling)
             meta = read_instance_meta(
                 dataset,

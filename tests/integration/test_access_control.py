@@ -123,3 +123,33 @@ def test_no_patient_identifiers_in_the_log_of_a_failed_job(tmp_path: Path) -> No
     assert "job 1 failed" in log
     leaks = [line for line in log.splitlines() if other in line] + _leaks(log)
     assert not leaks, "\n".join(leaks)
+
+
+# ---------------------------------------------------------------------------- path traversal
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_hostile_sop_instance_uid_is_refused_and_writes_nothing_outside_the_spool(tmp_path: Path) -> None:
+    """C-STORE requests whose SOP Instance UID is a path are refused 0xA900; no file appears anywhere else."""
+    files = _identified_series(tmp_path / "ct")
+    good = dcmread(files[0])
+    hostile = ["../../../../etc/passwd", "../../x.dcm", "/tmp/owned"]
+    with NodeProcess(tmp_path / "node", quiet_period_s=600, release_settle_s=600) as node:
+        before = {p for p in tmp_path.rglob("*") if "spool" not in p.parts}
+        ae = AE(ae_title="CT_SCANNER1")
+        ae.add_requested_context(good.SOPClassUID, good.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        statuses = []
+        for uid in [*hostile, str(good.SOPInstanceUID)]:
+            ds = dcmread(files[0])
+            ds.SOPInstanceUID = uid
+            statuses.append(int(assoc.send_c_store(ds).Status))
+        assoc.release()
+        stored = node.status()["series"]
+        log = node.log_text()
+        after = {p for p in tmp_path.rglob("*") if "spool" not in p.parts}
+    assert statuses == [0xA900] * len(hostile) + [0x0000]
+    assert [s["instance_count"] for s in stored] == [1]
+    new = {p for p in after - before if p.name not in ("index.sqlite3-wal", "index.sqlite3-shm")}
+    assert not new, f"files written outside the spool: {new}"
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("passwd", "x.dcm", "owned")]
+    assert "'../../../../etc/passwd'" in log and "Affected SOP Instance UID" in log
