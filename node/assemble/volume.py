@@ -260,13 +260,22 @@ def _describe(values: Counter[str]) -> str:
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
+#: Attributes whose values identify a patient: an error (which is logged and stored) counts them, never shows them.
+PATIENT_IDENTIFIERS = {"PatientID", "PatientName", "PatientBirthDate", "AccessionNumber"}
+
+
 def check_series_identity(datasets: Sequence[Dataset]) -> None:
     """Every instance of one volume comes from one study, frame of reference, patient, SOP class and
     modality."""
     for keyword, what in SAME_IN_SERIES:
         values = Counter(_text(ds, keyword) for ds in datasets)
         if len(values) > 1:
-            raise VolumeError(f"the series mixes {keyword} values {_describe(values)}; one volume must come from {what}")
+            if keyword in PATIENT_IDENTIFIERS:  # no patient data in logs or job records
+                counts = " and ".join(str(n) for _, n in values.most_common())
+                shown = f"{len(values)} different values ({counts} instances)"
+            else:
+                shown = f"values {_describe(values)}"
+            raise VolumeError(f"the series mixes {keyword} {shown}; one volume must come from {what}")
 
 
 def _direction_cosines(ds: Dataset) -> np.ndarray:

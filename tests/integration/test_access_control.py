@@ -109,8 +109,6 @@ def test_no_patient_identifiers_in_the_log_of_a_full_run(tmp_path: Path) -> None
     assert not _leaks(log), "\n".join(_leaks(log))
 
 
-@pytest.mark.xfail(strict=True, reason="node/assemble/volume.py names the mixed PatientID values in the job error, "
-                   "which the worker logs (reported to its owner: name how many patients, not which)")
 def test_no_patient_identifiers_in_the_log_of_a_failed_job(tmp_path: Path) -> None:
     """A series whose instances carry two PatientIDs fails its job; the log line says why without naming them."""
     other = "PID-9090-OTHER"

@@ -209,7 +209,17 @@ def test_rescale_slope_zero_is_refused(tmp_path: Path) -> None:
         build_volume(datasets)
 
 
-@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID", "PatientID", "Modality"])
+def test_mixed_patients_are_refused_counting_not_naming_them(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    first = str(datasets[0].PatientID)
+    for ds in datasets[4:]:
+        ds.PatientID = "PID-OTHER-77"
+    with pytest.raises(VolumeError, match=r"mixes PatientID 2 different values \(4 and 2 instances\)") as caught:
+        build_volume(datasets)
+    assert first not in str(caught.value) and "PID-OTHER-77" not in str(caught.value)  # no patient data in errors
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID", "Modality"])
 def test_mixed_series_is_refused_naming_the_values(tmp_path: Path, keyword: str) -> None:
     datasets = _series(tmp_path)
     first = str(datasets[0].get(keyword))
