@@ -72,6 +72,7 @@ from pydicom.uid import generate_uid
 from tests.harness.dcmtk import STORESCU, StoreSCP, tool_missing_reason
 from tests.harness.node_process import NodeProcess
 from tests.harness.synthetic_ct import write_ct_series
+from tests.harness.index_rows import read_index
 
 ONE_BUNDLE = '[engines]\nbundles = ["body-threshold"]\n'
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -121,17 +122,7 @@ def _fds(pid: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ index
-def _query(index: Path, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-    """Read the node's index read-only (the node is unaffected)."""
-    if not index.exists():
-        return []
-    db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=30000")
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
+_query = read_index  # tests/harness/index_rows.py
 
 
 def _counts(index: Path) -> dict[str, int]:

@@ -61,6 +61,7 @@ from pydicom import dcmread
 from tests.harness.dcmtk import STORESCU, StoreSCP, free_port, storescu, tool_missing_reason
 from tests.harness.node_process import NodeProcess
 from tests.harness.synthetic_ct import write_ct_series
+from tests.harness.index_rows import read_index
 
 FULL = os.environ.get("DURABILITY_FULL", "") == "1"
 
@@ -109,18 +110,7 @@ def _wait(what: str, probe: Callable[[], T | None], timeout: float, interval: fl
         time.sleep(interval)
 
 
-def _db_rows(state_dir: Path, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-    """Read the node's index directly. The connection is read-only; a running node is unaffected."""
-    path = state_dir / "index.sqlite3"
-    if not path.exists():
-        return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=30000")
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
+_db_rows = read_index  # tests/harness/index_rows.py
 
 
 def _parts(directory: Path) -> list[Path]:
