@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,9 +30,60 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # associate over TLS, presenting the node's certificate (see :class:`TlsConfig`)
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
+class _KeyIsEncrypted(Exception):
+    """Raised by the password callback: the node never prompts for a key's passphrase."""
+
+
+def _no_password() -> str:
+    raise _KeyIsEncrypted
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The ``[tls]`` table: the node's certificate and key, and the CAs its peers' certificates must chain to.
+
+    The same files serve the listening side (when ``enabled``) and every destination with ``tls = true``.
+    """
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    def _files(self) -> tuple[Path, Path, Path]:
+        if self.certificate is None or self.private_key is None or self.ca_certificates is None:
+            raise ConfigError("[tls] needs certificate, private_key and ca_certificates to use TLS")
+        return self.certificate, self.private_key, self.ca_certificates
+
+    def _context(self, protocol: ssl._SSLMethod, cls: type[ssl.SSLContext]) -> ssl.SSLContext:
+        certificate, private_key, ca_certificates = self._files()
+        ctx = cls(protocol)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cafile=str(ca_certificates))
+        ctx.load_cert_chain(str(certificate), str(private_key), password=_no_password)
+        return ctx
+
+    def server_context(self, cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
+        """For the SCP: TLS >= 1.2, client certificates verified against ``ca_certificates`` (required
+        unless ``require_client_certificate`` is false, then verified only when presented)."""
+        ctx = self._context(ssl.PROTOCOL_TLS_SERVER, cls)
+        ctx.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_OPTIONAL
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """For the SCU: presents the node's certificate; the peer's must chain to ``ca_certificates``
+        and name the destination's host (DNS name or IP address in its subjectAltName)."""
+        ctx = self._context(ssl.PROTOCOL_TLS_CLIENT, ssl.SSLContext)
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
 
 
 @dataclass(frozen=True)
@@ -92,6 +144,7 @@ class NodeConfig:
     bind_address: str = "0.0.0.0"
     state_dir: Path = Path("state")
     allowed_calling_aes: tuple[AllowedPeer, ...] = ()
+    max_associations_per_peer: int = 8
     max_pdu_size: int = 0
     min_free_disk_mb: int = 1024
     workers: int = 1
@@ -114,6 +167,7 @@ class NodeConfig:
     retention_keep_days: float = 7.0
     retention_max_spool_gb: float = 0.0
     retention_interval_s: float = 300.0
+    tls: TlsConfig = TlsConfig()
     source: str = "(embedded defaults)"
 
     @property
@@ -211,10 +265,11 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     send = _Table(top.get("send", dict, {}), "send.", source)
     output = _Table(top.get("output", dict, {}), "output.", source)
     retention = _Table(top.get("retention", dict, {}), "retention.", source)
+    tls = _Table(top.get("tls", dict, {}), "tls.", source)
     dest_list = top.get("destinations", list, [])
     top.finish()
 
-    def path_value(table: _Table, key: str, default: Path) -> Path:
+    def path_value(table: _Table, key: str, default: Any) -> Any:
         value = table.get(key, str, None)
         if value is None:
             return default
@@ -231,6 +286,9 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         bind_address=node.get("bind_address", str, defaults.bind_address),
         state_dir=path_value(node, "state_dir", defaults.state_dir),
         allowed_calling_aes=allowed_titles,
+        max_associations_per_peer=node.positive(
+            "max_associations_per_peer", defaults.max_associations_per_peer, integer=True
+        ),
         max_pdu_size=node.positive("max_pdu_size", defaults.max_pdu_size, integer=True, allow_zero=True),
         min_free_disk_mb=node.positive("min_free_disk_mb", defaults.min_free_disk_mb, integer=True, allow_zero=True),
         workers=node.positive("workers", defaults.workers, integer=True),
@@ -253,10 +311,18 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         retention_keep_days=retention.positive("keep_days", defaults.retention_keep_days),
         retention_max_spool_gb=retention.positive("max_spool_gb", defaults.retention_max_spool_gb, allow_zero=True),
         retention_interval_s=retention.positive("interval_s", defaults.retention_interval_s),
+        tls=TlsConfig(
+            enabled=tls.get("enabled", bool, False),
+            certificate=path_value(tls, "certificate", None),
+            private_key=path_value(tls, "private_key", None),
+            ca_certificates=path_value(tls, "ca_certificates", None),
+            require_client_certificate=tls.get("require_client_certificate", bool, True),
+        ),
         source=source,
     )
-    for table in (node, assemble, engines, send, output, retention):
+    for table in (node, assemble, engines, send, output, retention, tls):
         table.finish()
+    _check_tls(cfg.tls, [d.name for d in cfg.destinations if d.tls], source)
     if cfg.engine_backend not in ("cpu", "auto"):
         raise ConfigError(f"{source}: key 'engines.backend' is {cfg.engine_backend!r}; expected 'cpu' or 'auto'")
     if cfg.seg_type not in ("BINARY", "LABELMAP"):
@@ -280,8 +346,48 @@ def _destination(raw: Any, index: int, source: str) -> Destination:
         raise ConfigError(f"{table.where('host')} is missing; expected a host name or address")
     port = _port(table.get("port", int, None), table.where("port"))
     name = table.get("name", str, aet.lower())
+    tls = table.get("tls", bool, False)
     table.finish()
-    return Destination(name=name, ae_title=aet, host=host, port=port)
+    return Destination(name=name, ae_title=aet, host=host, port=port, tls=tls)
+
+
+def _check_tls(tls: TlsConfig, tls_destinations: list[str], source: str) -> None:
+    """When TLS is used (``tls.enabled`` or a destination with ``tls = true``), its three files must be
+    readable PEM and the private key must be the certificate's."""
+    if not tls.enabled and not tls_destinations:
+        return
+    users = (["tls.enabled"] if tls.enabled else []) + [f"destination {n!r}" for n in tls_destinations]
+    for key in ("certificate", "private_key", "ca_certificates"):
+        path = getattr(tls, key)
+        if path is None:
+            raise ConfigError(f"{source}: key 'tls.{key}' is missing; TLS is used by {', '.join(users)} and "
+                              "needs certificate, private_key and ca_certificates (PEM files)")
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{source}: key 'tls.{key}': cannot read {str(path)!r} "
+                              f"({exc.strerror or exc})") from None
+        if b"-----BEGIN " not in text:
+            raise ConfigError(f"{source}: key 'tls.{key}': {str(path)!r} is not a PEM file")
+    try:
+        ssl.create_default_context(cafile=str(tls.ca_certificates))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{source}: key 'tls.ca_certificates': {str(tls.ca_certificates)!r} holds no usable "
+                          f"CA certificate ({exc.reason or exc})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            str(tls.certificate), str(tls.private_key), password=_no_password
+        )
+    except _KeyIsEncrypted:
+        raise ConfigError(f"{source}: key 'tls.private_key': {str(tls.private_key)!r} is encrypted; the node "
+                          "cannot prompt for a passphrase (store it unencrypted, readable by the node only)") from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError(f"{source}: key 'tls.private_key': {str(tls.private_key)!r} is not the private key "
+                              f"of the certificate {str(tls.certificate)!r}") from None
+        raise ConfigError(f"{source}: keys 'tls.certificate' / 'tls.private_key': {str(tls.certificate)!r} and "
+                          f"{str(tls.private_key)!r} cannot be loaded as a certificate and its key "
+                          f"({exc.reason or exc})") from None
 
 
 def with_overrides(

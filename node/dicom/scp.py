@@ -7,6 +7,11 @@ rename into the spool, commit the instance to the index, and only then answer Su
 never runs on an association thread. :mod:`node.dicom.guard` keeps peers that break the upper-layer
 protocol from holding the node (stalled PDUs, connections that close before associating, malformed
 association requests).
+
+With ``[tls] enabled`` the listening socket speaks TLS (1.2 or later) and, by default, requires a client
+certificate that chains to ``tls.ca_certificates`` (:class:`_LazyHandshakeContext` keeps the handshake off the
+accept thread). The calling-AE allow-list and the per-peer association limit apply on
+top of it.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import errno
 import logging
 import re
 import shutil
+import socket
 import sqlite3
+import ssl
 import threading
+import weakref
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -48,6 +57,9 @@ DIMSE_TIMEOUT_S = 60
 #: Associations (or connections not yet associated) served at once; beyond, requests are rejected
 #: (transient, local limit exceeded). Each costs two threads.
 MAX_ASSOCIATIONS = 64
+#: Seconds a TLS peer has to complete its handshake, and at most between the bytes of one TLS record.
+TLS_HANDSHAKE_S = 10.0
+TLS_RECORD_STALL_S = 30.0
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 SOP_CLASS_UID = 0x00080016
@@ -187,6 +199,7 @@ class Receiver:
         self._assoc_series: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._guard = PeerGuard()
+        self._per_peer: dict[str, weakref.WeakSet[Association]] = {}
         self.received = 0
 
     def _make_ae(self) -> AE:
@@ -207,28 +220,38 @@ class Receiver:
         handlers = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             *self._guard.handlers(),  # first: its EVT_REQUESTED rejects malformed requests
+            *([(evt.EVT_CONN_OPEN, _tls_handshake)] if self.cfg.tls.enabled else []),  # after the guard's
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REQUESTED, self._limit_per_peer),
+            (evt.EVT_CONN_CLOSE, self._forget_peer),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
         ]
+        ssl_context = self.cfg.tls.server_context(_LazyHandshakeContext) if self.cfg.tls.enabled else None
         try:
             self._server = ae.start_server(
-                (self.cfg.bind_address, self.cfg.port), block=False, evt_handlers=handlers  # type: ignore[arg-type]
+                (self.cfg.bind_address, self.cfg.port), block=False, evt_handlers=handlers,  # type: ignore[arg-type]
+                ssl_context=ssl_context,
             )
         except OSError as exc:
             raise ListenError(
                 f"cannot listen on {self.cfg.bind_address}:{self.cfg.port}: {exc.strerror or exc} "
                 "(is another node or PACS using the port?)"
             ) from exc
+        tls = self.cfg.tls
         log.info(
-            "listening as %s on %s:%d (calling AEs: %s)",
+            "listening as %s on %s:%d%s (calling AEs: %s; at most %d associations per calling AE)",
             self.cfg.ae_title,
             self.cfg.bind_address,
             self.cfg.port,
+            "" if not tls.enabled else (" with TLS, client certificates " +
+                                        ("required" if tls.require_client_certificate else "optional") +
+                                        f" (CA {tls.ca_certificates})"),
             ", ".join(str(p) for p in self.cfg.allowed_calling_aes) or "any",
+            self.cfg.max_associations_per_peer,
         )
 
     def stop(self) -> None:
@@ -257,6 +280,35 @@ class Receiver:
                     "not recognised)", calling, address, assoc.requestor.port, why)
         assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
         assoc.kill()  # as pynetdicom does after its own rejections: wait for the RJ to go out
+
+    def _limit_per_peer(self, event: evt.Event) -> None:
+        """Apply ``node.max_associations_per_peer``: one calling AE title holds at most that many at once.
+
+        Beyond it the request gets A-ASSOCIATE-RJ rejected-transient, source service-provider
+        (presentation related function), reason local-limit-exceeded (PS3.8 9.3.4), as pynetdicom answers
+        when every association slot is in use: one chatty or misbehaving sender cannot take them all.
+        """
+        assoc = event.assoc
+        if assoc.is_rejected or assoc.is_aborted:
+            return
+        calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
+        limit = self.cfg.max_associations_per_peer
+        with self._lock:
+            held = self._per_peer.setdefault(calling, weakref.WeakSet())
+            alive = [a for a in held if a.is_alive() and not a.is_rejected and not a.is_aborted and not a.is_released]
+            if len(alive) < limit:
+                held.add(assoc)
+                return
+        log.warning("association rejected from calling AE %r at %s:%s: it already holds %d association(s), "
+                    "node.max_associations_per_peer is %d (A-ASSOCIATE-RJ: local limit exceeded)",
+                    calling, assoc.requestor.address, assoc.requestor.port, len(alive), limit)
+        assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit
+        assoc.kill()
+
+    def _forget_peer(self, event: evt.Event) -> None:
+        with self._lock:
+            for held in self._per_peer.values():
+                held.discard(event.assoc)
 
     def _on_accepted(self, event: evt.Event) -> None:
         req = event.assoc.requestor
@@ -338,3 +390,67 @@ class Receiver:
         if self.on_instance is not None:
             self.on_instance(meta)
         return Status.SUCCESS
+
+
+# ---------------------------------------------------------------------------------------------- TLS
+class _LazyHandshakeContext(ssl.SSLContext):
+    """A server context whose sockets handshake later, on the connection's own thread.
+
+    pynetdicom wraps each accepted socket in its accept loop (``AssociationServer.get_request``) with the
+    default ``do_handshake_on_connect=True``: one peer that connects and sends nothing would block
+    every later connection. Here the handshake waits for :func:`_tls_handshake` (EVT_CONN_OPEN), which
+    runs on the thread pynetdicom starts for the connection, with a deadline.
+    """
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def _tls_handshake(event: evt.Event) -> None:
+    """EVT_CONN_OPEN (TLS only): complete the handshake within :data:`TLS_HANDSHAKE_S`, log who the peer is.
+
+    A failed handshake (no certificate, one the CA did not sign, a plain-TCP peer) is logged and the
+    socket closed: pynetdicom then sees the connection gone before any A-ASSOCIATE-RQ. After the
+    handshake, reads are served first from what TLS has already decrypted: the guard's bounded
+    ``recv`` waits on ``select``, which cannot see those bytes (pynetdicom's own reads know, #528).
+    """
+    assoc = event.assoc
+    wrapper = assoc.dul.socket
+    sock = getattr(wrapper, "socket", None)
+    if wrapper is None or not isinstance(sock, ssl.SSLSocket):
+        return
+    peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+    try:
+        sock.settimeout(TLS_HANDSHAKE_S)
+        sock.do_handshake()
+        sock.settimeout(TLS_RECORD_STALL_S)  # a TLS record that stops halfway cannot block a read for ever
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        log.warning("TLS connection from %s refused: the handshake failed (%s)", peer, reason)
+        try:
+            sock.close()
+        except OSError:
+            pass
+        return
+    rdns = cast(tuple[tuple[tuple[str, str], ...], ...], (sock.getpeercert() or {}).get("subject", ()))
+    subject = {k: v for rdn in rdns for k, v in rdn}
+    log.info("TLS connection from %s: %s, client certificate %s", peer, sock.version(),
+             repr(subject.get("commonName")) if subject else "none")
+    inner = wrapper.recv
+
+    def recv(nr_bytes: int) -> bytearray:
+        out = bytearray()
+        try:
+            while len(out) < nr_bytes and sock.pending():
+                chunk = sock.recv(min(nr_bytes - len(out), sock.pending()))
+                if not chunk:
+                    return out
+                out += chunk
+        except (OSError, ValueError):
+            return out
+        if len(out) < nr_bytes:
+            out += inner(nr_bytes - len(out))
+        return out
+
+    wrapper.recv = recv  # type: ignore[method-assign]

@@ -2,21 +2,25 @@
 
 Each association proposes exactly the SOP classes of the files it carries (SEG, RTSTRUCT, …) in the
 transfer syntax they are encoded in plus Explicit/Implicit VR Little Endian, sets TCP_NODELAY, and is
-aborted (never left hanging) when anything goes wrong.
+aborted (never left hanging) when anything goes wrong. A destination with ``tls = true`` is reached over
+TLS: the node presents its ``[tls]`` certificate, and the peer's must chain to ``tls.ca_certificates``
+and name the destination's host.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import Destination
+from node.config import Destination, TlsConfig
 from node.dicom.net import set_tcp_nodelay
 from node.dicom.status import describe, is_success
 from node.errors import SendError
@@ -44,16 +48,34 @@ def _ae(calling_aet: str, timeout_s: float) -> AE:
     return ae
 
 
-def echo(destination: Destination, *, calling_aet: str, timeout_s: float = 10.0) -> str:
+def _tls_args(destination: Destination, tls: TlsConfig | None) -> tuple[ssl.SSLContext, str] | None:
+    if not destination.tls:
+        return None
+    if tls is None:
+        raise SendError(f"{destination} is a TLS destination but no [tls] certificates were given")
+    return tls.client_context(), destination.host
+
+
+def _associate(ae: AE, destination: Destination, tls: TlsConfig | None) -> Association:
+    opened: list[bool] = []
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), (evt.EVT_CONN_OPEN, lambda _: opened.append(True))],
+        tls_args=_tls_args(destination, tls),
+    )
+    if not assoc.is_established:
+        why = _why_not(assoc, destination) if opened else _no_connection(destination)
+        raise SendError(f"could not associate with {destination}: {why}")
+    return assoc
+
+
+def echo(
+    destination: Destination, *, calling_aet: str, timeout_s: float = 10.0, tls: TlsConfig | None = None
+) -> str:
     """C-ECHO a peer; return a sentence describing the outcome, raise SendError on failure."""
     ae = _ae(calling_aet, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-    )
-    if not assoc.is_established:
-        raise SendError(f"could not associate with {destination}: {_why_not(assoc)}")
+    assoc = _associate(ae, destination, tls)
     try:
         status = assoc.send_c_echo()
         code = int(status.Status) if status and "Status" in status else None
@@ -64,16 +86,28 @@ def echo(destination: Destination, *, calling_aet: str, timeout_s: float = 10.0)
     return f"C-ECHO to {destination}: {describe(code)}"
 
 
-def _why_not(assoc: object) -> str:
+def _why_not(assoc: object, destination: Destination) -> str:
     if getattr(assoc, "is_rejected", False):
         return "the association was rejected (check the called AE title and the peer's allow-list)"
     if getattr(assoc, "is_aborted", False):
         return "the association was aborted (by the peer, or because it did not answer in time)"
+    return _no_connection(destination)
+
+
+def _no_connection(destination: Destination) -> str:
+    if destination.tls:
+        return ("no connection (is the peer running, the port right, and does its certificate chain to "
+                "tls.ca_certificates and name the host? does it accept the node's certificate?)")
     return "no connection (is the peer running and the port right?)"
 
 
 def store_files(
-    destination: Destination, paths: list[Path], *, calling_aet: str, timeout_s: float = 30.0
+    destination: Destination,
+    paths: list[Path],
+    *,
+    calling_aet: str,
+    timeout_s: float = 30.0,
+    tls: TlsConfig | None = None,
 ) -> list[StoreResult]:
     """C-STORE ``paths`` over one association; return one result per file.
 
@@ -91,12 +125,7 @@ def store_files(
         syntaxes.update({str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian})
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes, key=lambda s: s != ExplicitVRLittleEndian))
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-    )
-    if not assoc.is_established:
-        raise SendError(f"could not associate with {destination}: {_why_not(assoc)}")
+    assoc = _associate(ae, destination, tls)
     results: list[StoreResult] = []
     try:
         for path, ds in datasets:

@@ -63,7 +63,8 @@ class Sender:
             return 0
         try:
             results = store_files(
-                destination, [i.path for i in items], calling_aet=self.cfg.ae_title, timeout_s=self.cfg.send_timeout_s
+                destination, [i.path for i in items], calling_aet=self.cfg.ae_title,
+                timeout_s=self.cfg.send_timeout_s, tls=self.cfg.tls,
             )
         except (SendError, OSError) as exc:
             for item in items:
