@@ -11,6 +11,7 @@ replay   send a finished series' results again (same files, same SOP Instance UI
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -195,7 +196,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from node.dicom.scu import echo
 
     peer = parse_destination(args.peer, where="echo")
-    print(echo(peer, calling_aet=args.calling_aet, timeout_s=args.timeout))
+    tls = None
+    if args.tls:  # the node's certificate and CA from the config's [tls] table
+        tls = _load(args).tls
+        peer = dataclasses.replace(peer, tls=True)
+    print(echo(peer, calling_aet=args.calling_aet, timeout_s=args.timeout, tls=tls))
     return 0
 
 
@@ -388,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("peer", metavar="AET@HOST:PORT")
     p.add_argument("--calling-aet", default="SEGNODE", help="our AE title in the association (default SEGNODE)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("--tls", action="store_true", help="over TLS, with the certificates of the config's [tls] table")
+    add_config(p)
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("status", help="show series, jobs and the outbox",

@@ -171,3 +171,23 @@ def test_a_series_received_over_tls_has_its_results_sent_over_tls(tmp_path: Path
     assert received and len(received) == len(status["outbox"])
     assert {str(r.Modality) for r in received} >= {"SEG"}
     assert set(pacs.calling) == {"SEGNODE"} and set(pacs.client_certs) == {"server"}  # the node's certificate
+
+
+def test_echo_command_over_tls_uses_the_configs_certificates(tmp_path: Path, pki: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.harness.node_process import REPO
+
+    config = tmp_path / "node.toml"
+    config.write_text(tls_toml(pki, cert="client"))
+    good = TlsStoreSCP(pki, tmp_path / "good")
+    try:
+        run = subprocess.run([sys.executable, "-m", "node", "echo", f"PACS@127.0.0.1:{good.port}", "--tls", "-c",
+                              str(config)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        plain = subprocess.run([sys.executable, "-m", "node", "echo", f"PACS@127.0.0.1:{good.port}", "--timeout", "5"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        good.close()
+    assert run.returncode == 0 and "(TLS)" in run.stdout and "SUCCESS" in run.stdout, run.stdout + run.stderr
+    assert plain.returncode != 0, "plain TCP to a TLS peer must fail"
