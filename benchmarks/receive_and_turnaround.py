@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.harness.dcmtk import LOOPBACK, STORESCP, STORESCU, free_port  # noqa: E402
+from tests.harness.proctable import proc_table  # noqa: E402
 from tests.harness.synthetic_ct import write_ct_series  # noqa: E402
 
 NODE_AET = "SEGNODE"
@@ -159,20 +160,7 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 # ------------------------------------------------------------------------------------ /proc
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, utime+stime ticks) for every process visible in /proc."""
-    out: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        out[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    return out
+_proc_table = proc_table  # tests/harness/proctable.py
 
 
 def _tree(root: int, table: dict[int, tuple[int, int]] | None = None) -> list[int]:

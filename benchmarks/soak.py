@@ -73,31 +73,14 @@ from tests.harness.dcmtk import STORESCU, StoreSCP, tool_missing_reason
 from tests.harness.node_process import NodeProcess
 from tests.harness.synthetic_ct import write_ct_series
 from tests.harness.index_rows import read_index
+from tests.harness.proctable import descendants
 
 ONE_BUNDLE = '[engines]\nbundles = ["body-threshold"]\n'
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 # ------------------------------------------------------------------------------------------ /proc
-def _descendants(root: int) -> list[int]:
-    """Every live descendant of ``root`` (ppid links from /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
+_descendants = descendants  # tests/harness/proctable.py
 
 
 def _status(pid: int) -> dict[str, int]:

@@ -50,6 +50,7 @@ from tests.harness.dcmtk import StoreSCP, storescu, tool_missing_reason
 from tests.harness.node_process import NodeProcess
 from tests.harness.synthetic_ct import SyntheticSeries, write_ct_series
 from tests.harness.index_rows import read_index
+from tests.harness.proctable import descendants, proc_table
 
 FULL = os.environ.get("LOAD_FULL", "") == "1"
 
@@ -93,27 +94,9 @@ _db_rows = read_index  # tests/harness/index_rows.py
 
 def _tree_ticks(root: int) -> tuple[int, int]:
     """(CPU ticks of ``root`` itself, CPU ticks of all its descendants) from /proc."""
-    table: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    table = proc_table()
     own = table.get(root, (0, 0))[1]
-    below, todo = 0, list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        below += table[pid][1]
-        todo.extend(children.get(pid, []))
-    return own, below
+    return own, sum(table[pid][1] for pid in descendants(root, table))
 
 
 def _wait_cpu_idle(root: int, timeout: float = 60.0) -> None:
