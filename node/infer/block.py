@@ -24,7 +24,7 @@ from node.infer.engine import Engine
 from node.infer.median import median3
 from node.infer.memory import release_free_memory
 from node.infer.orient import Reorientation, reorientation
-from node.infer.transforms import mask_to_grid, normalise, resample_centred
+from node.infer.transforms import largest_component, mask_to_grid, normalise, resample_centred
 
 _IDENTITY = Reorientation(permutation=(0, 1, 2), flips=(False, False, False), obliquity_deg=0.0)
 
@@ -76,14 +76,9 @@ def _open_keep_largest(mask: np.ndarray) -> np.ndarray:
     leaves nothing keeps the largest component of the mask itself."""
     structure = ndimage.generate_binary_structure(3, 2)
     eroded = ndimage.binary_erosion(mask, structure=structure)
-    base = eroded if eroded.any() else mask
-    components, n = ndimage.label(base)
-    if n == 0:
-        return base
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    kept = components == int(np.argmax(sizes))
-    return ndimage.binary_dilation(kept, structure=structure) if eroded.any() else kept
+    if not eroded.any():
+        return largest_component(mask)
+    return ndimage.binary_dilation(largest_component(eroded), structure=structure)
 
 
 def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.ndarray:

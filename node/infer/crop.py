@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from node.errors import Declined
-from node.infer.transforms import fill_holes_per_slice
+from node.infer.transforms import fill_holes_per_slice, largest_component
 
 TISSUE_HU = -150.0
 AIR_HU = -600.0
@@ -39,15 +39,6 @@ class AbdomenBox:
     box: tuple[slice, slice, slice]  # in the full-resolution, reoriented array
     body_width_mm: float  # widest extent of the body along axis 2 (left-right for "SAR")
     lung_base_index: int | None  # axis-0 index of the lung base, None when no lungs were found
-
-
-def _largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
-    components, n = ndimage.label(mask, structure=structure)
-    if n == 0:
-        return mask
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))
 
 
 def _span(mask_1d: np.ndarray) -> tuple[int, int]:
@@ -77,7 +68,7 @@ def abdomen_box(hu: np.ndarray, spacing: tuple[float, float, float],
     tissue = ndimage.binary_erosion(coarse > TISSUE_HU, structure=in_plane, iterations=erosion)
     if not tissue.any():
         raise Declined(f"no body found: nothing above {TISSUE_HU:g} HU survives a {COUCH_EROSION_MM:g} mm erosion")
-    body = ndimage.binary_dilation(_largest_component(tissue), structure=in_plane, iterations=erosion)
+    body = ndimage.binary_dilation(largest_component(tissue), structure=in_plane, iterations=erosion)
     body &= coarse > TISSUE_HU
     cols = body.any(axis=1)  # (slices, axis-2)
     widths = [(_span(c)[1] - _span(c)[0]) * cs[2] for c in cols if c.any()]
@@ -88,7 +79,7 @@ def abdomen_box(hu: np.ndarray, spacing: tuple[float, float, float],
     air = (coarse < AIR_HU) & outline
     lung_base: int | None = None
     if air.any():
-        lungs = _largest_component(air)
+        lungs = largest_component(air)
         voxel_ml = float(np.prod(cs)) / 1000.0
         if lungs.sum() * voxel_ml >= MIN_LUNG_ML:
             area = lungs.sum(axis=(1, 2))
