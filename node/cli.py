@@ -32,6 +32,8 @@ from node.errors import Declined, NodeError, Permanent, Retryable
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from node.spool.index import Index
+
     from node.spool.retention import RetentionFigures
 
 log = logging.getLogger("node")
@@ -205,18 +207,26 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------- status
+def _open_index(cfg: NodeConfig) -> Index | None:
+    """The service's index, or None (said on stdout) when the service has not run with this state directory."""
+    from node.spool.index import Index
+
+    if not cfg.index_path.exists():
+        print(f"no index at {cfg.index_path}: the service has not run with this state directory")
+        return None
+    return Index(cfg.index_path)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from node.spool.index import Index
     from node.spool.retention import figures
 
     cfg = _load(args)
-    if not cfg.index_path.exists():
-        print(f"no index at {cfg.index_path}: the service has not run with this state directory")
+    index = _open_index(cfg)
+    if index is None:
         return 1
-    index = Index(cfg.index_path)
     kept = figures(cfg, index)
     if args.json:
         print(json.dumps({
@@ -288,13 +298,11 @@ def _retention_table(kept: RetentionFigures) -> Table:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Queue a finished series' results for sending again: the same files, so the same SOP Instance UIDs."""
     from node.domain import JobState, SeriesState
-    from node.spool.index import Index
 
     cfg = _load(args)
-    if not cfg.index_path.exists():
-        print(f"no index at {cfg.index_path}: the service has not run with this state directory")
+    index = _open_index(cfg)
+    if index is None:
         return 1
-    index = Index(cfg.index_path)
     uid = args.series
     series = index.series(uid)
     if series is None:
