@@ -28,7 +28,7 @@ from node.config import NodeConfig  # noqa: E402
 from node.errors import Declined  # noqa: E402
 from node.infer.bundle import discover_bundles  # noqa: E402
 from node.infer.segment import segment_volume  # noqa: E402
-from node.jobs.worker import make_engine  # noqa: E402
+from node.jobs.engines import make_engine  # noqa: E402
 from node.write.result import label_mask  # noqa: E402
 from tests.harness.nifti import load_nifti_volume  # noqa: E402
 

@@ -80,7 +80,7 @@ def child(volume_path: Path, bundle_names: list[str], threads: int) -> None:
     from node.errors import Declined
     from node.infer.bundle import discover_bundles
     from node.infer.segment import segment_volume
-    from node.jobs.worker import make_engine
+    from node.jobs.engines import make_engine
 
     cfg = NodeConfig(engine_threads=threads)
     bundles = discover_bundles(REPO / "engines", tuple(bundle_names))

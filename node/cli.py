@@ -6,6 +6,7 @@ echo     C-ECHO a DICOM peer
 status   what the service's index holds: series, jobs, outbox, retention figures
 retry    resend dead-lettered results
 replay   send a finished series' results again (same files, same SOP Instance UIDs)
+engines  doctor | build | bench: the GPU, TensorRT plans, engine speed (node/cli_engines.py)
 """
 
 from __future__ import annotations
@@ -118,9 +119,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from node.assemble.select import SeriesFacts, select_bundles
     from node.infer.bundle import Bundle, discover_bundles
-    from node.infer.engine import Engine
+    from node.jobs.engines import EngineFactory
     from node.jobs.pipeline import run_job
-    from node.jobs.worker import make_engine
     from node.write.provenance import Provenance
 
     cfg = _load(args)
@@ -135,7 +135,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out_root = Path(args.output)
     rows: list[tuple[str, str, str, str, str]] = []
     failed = bool(problems)
-    engines: dict[str, Engine | None] = {}
+    factory = EngineFactory(cfg)
     work: list[tuple[_SeriesFiles, Bundle]] = []
     for s in series_list:
         chosen, reasons = select_bundles(bundles, SeriesFacts(s.modality, s.sop_class_uid, len(s.paths)))
@@ -149,9 +149,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             progress.update(task, description=f"{bundle.name} on {_series_label(s)}")
             started = time.perf_counter()
             try:
-                if bundle.id not in engines:
-                    engines[bundle.id] = make_engine(bundle, cfg)
-                engine = engines[bundle.id]
+                engine = factory.get(bundle).engine
                 out_dir = out_root / _series_dir(s.series_uid) / bundle.name
                 outcome = run_job(s.paths, bundle, engine, out_dir, provenance=Provenance.now(cfg.ae_title),
                                   write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct,
@@ -425,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", dest="replay_destination", action="append", metavar="NAME",
                    help="destination name (repeatable); default: every destination the series was sent to")
     p.set_defaults(func=cmd_replay)
+
+    from node.cli_engines import add_engines_parser
+
+    add_engines_parser(sub, add_config, _load)
     return parser
 
 

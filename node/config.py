@@ -135,6 +135,11 @@ def parse_allowed_peer(value: Any, where: str) -> AllowedPeer:
     return AllowedPeer(_ae_title(title, where), address)
 
 
+#: "cpu": ONNX Runtime only; "auto": TensorRT when a GPU, pycuda and TensorRT are there, else ONNX
+#: Runtime (the reason logged once); "tensorrt": the GPU or nothing (the service does not start without it).
+ENGINE_BACKENDS = ("auto", "cpu", "tensorrt")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything the service needs, validated."""
@@ -152,8 +157,9 @@ class NodeConfig:
     release_settle_s: float = 2.0
     bundles_dir: Path = DEFAULT_BUNDLES_DIR
     bundles: tuple[str, ...] = ()
-    engine_backend: str = "cpu"
+    engine_backend: str = "auto"  # "auto": TensorRT on the GPU when there is one, else ONNX Runtime on the CPU
     engine_threads: int = 0
+    gpu_index: int = 0
     destinations: tuple[Destination, ...] = ()
     send_max_attempts: int = 10
     send_backoff_initial_s: float = 5.0
@@ -298,6 +304,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         bundles=tuple(engines.get("bundles", list, [])),
         engine_backend=engines.get("backend", str, defaults.engine_backend),
         engine_threads=engines.positive("threads", defaults.engine_threads, integer=True, allow_zero=True),
+        gpu_index=engines.positive("gpu_index", defaults.gpu_index, integer=True, allow_zero=True),
         destinations=tuple(_destination(d, i, source) for i, d in enumerate(dest_list)),
         send_max_attempts=send.positive("max_attempts", defaults.send_max_attempts, integer=True),
         send_backoff_initial_s=send.positive("backoff_initial_s", defaults.send_backoff_initial_s),
@@ -323,8 +330,9 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     for table in (node, assemble, engines, send, output, retention, tls):
         table.finish()
     _check_tls(cfg.tls, [d.name for d in cfg.destinations if d.tls], source)
-    if cfg.engine_backend not in ("cpu", "auto"):
-        raise ConfigError(f"{source}: key 'engines.backend' is {cfg.engine_backend!r}; expected 'cpu' or 'auto'")
+    if cfg.engine_backend not in ENGINE_BACKENDS:
+        raise ConfigError(f"{source}: key 'engines.backend' is {cfg.engine_backend!r}; expected one of "
+                          f"{', '.join(repr(b) for b in ENGINE_BACKENDS)}")
     if cfg.seg_type not in ("BINARY", "LABELMAP"):
         raise ConfigError(f"{source}: key 'output.seg_type' is {cfg.seg_type!r}; expected 'BINARY' or 'LABELMAP'")
     if not all(isinstance(b, str) for b in cfg.bundles):

@@ -26,6 +26,7 @@ BUILTIN_ALGORITHMS = {"body-lungs": (1, 2, 3)}
 ACTIVATIONS = ("softmax", "sigmoid")
 WINDOW_MODES = ("sliding", "single-block")
 CROPS = ("none", "abdomen")
+GPU_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 PATIENT_DIRECTIONS = set("LRAPSI")
 RT_ROI_TYPES = {"EXTERNAL", "ORGAN", "PTV", "CTV", "GTV", "AVOIDANCE", "CAVITY", "SUPPORT", "CONTROL", "MARKER"}
 
@@ -107,6 +108,18 @@ class Postprocess:
 
 
 @dataclass(frozen=True)
+class GpuOptions:
+    """How a TensorRT plan of this model is built (see node/gpu/plan.py)."""
+
+    precision: str = "auto"  # "auto" (FP16 on tensor cores, else FP32), "fp32", "fp16" or "bf16"
+    max_batch: int = 0  # cap on the optimisation profile's tile batch; 0: sized from free GPU memory
+    #: Agreement with ONNX Runtime the plan must reach (node/gpu/check.py and the GPU tests):
+    #: largest |difference| of a probability, and Dice of the label masks.
+    max_abs_difference: float = 0.05
+    min_dice: float = 0.99
+
+
+@dataclass(frozen=True)
 class Bundle:
     name: str
     version: str
@@ -129,6 +142,7 @@ class Bundle:
     algorithm_family: Code
     #: Run when the configuration names no bundles; an example or test bundle says false.
     enabled_by_default: bool = True
+    gpu: GpuOptions = GpuOptions()
 
     @property
     def id(self) -> str:
@@ -280,6 +294,7 @@ def load_bundle(directory: Path) -> Bundle:
     w = top.table("window") if kind == "onnx" else _optional_table(top, "window")
     post = _optional_table(top, "postprocess")
     cov = _optional_table(top, "coverage")
+    g = _optional_table(top, "gpu")
 
     def triple(reader: _Reader, key: str) -> tuple[float, float, float] | None:
         value = reader.opt(key, list, None)
@@ -348,6 +363,19 @@ def load_bundle(directory: Path) -> Bundle:
         algorithm_name=alg.req("name", str),
         algorithm_family=_code(alg.req("family", dict), f"{where} [algorithm] family"),
         enabled_by_default=b.opt("enabled_by_default", bool, True),
+        gpu=_gpu_options(g, where),
+    )
+
+
+def _gpu_options(g: _Reader, where: str) -> GpuOptions:
+    max_batch = g.opt("max_batch", int, 0)
+    if max_batch < 0:
+        raise BundleError(f"{where} [gpu] max_batch {max_batch} must be 0 (sized from memory) or positive")
+    return GpuOptions(
+        precision=_choice(g.opt("precision", str, "auto"), GPU_PRECISIONS, f"{where} [gpu] precision"),
+        max_batch=max_batch,
+        max_abs_difference=g.opt("max_abs_difference", float, 0.05),
+        min_dice=g.opt("min_dice", float, 0.99),
     )
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import threading
 import time
@@ -22,8 +23,7 @@ from node.config import NodeConfig
 from node.domain import JobState
 from node.errors import Declined, NodeError
 from node.infer.bundle import Bundle, discover_bundles
-from node.infer.engine import Engine
-from node.infer.onnxrt import OnnxRuntimeEngine
+from node.jobs.engines import EngineFactory
 from node.jobs.pipeline import run_job
 from node.spool.index import Index
 from node.write.provenance import Provenance
@@ -34,16 +34,6 @@ log = logging.getLogger(__name__)
 MAX_JOB_ATTEMPTS = 3
 
 
-def make_engine(bundle: Bundle, cfg: NodeConfig) -> Engine | None:
-    """The engine for a bundle under the configured backend (CPU: ONNX Runtime); None for a built-in
-    (rule-based) algorithm, which needs none."""
-    if bundle.model_file is None:
-        return None
-    return OnnxRuntimeEngine(
-        bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name, threads=cfg.engine_threads
-    )
-
-
 @dataclass(frozen=True)
 class WorkerSpec:
     cfg: NodeConfig
@@ -51,7 +41,32 @@ class WorkerSpec:
     log_level: int
 
 
-def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type: ignore[name-defined]
+@dataclass(frozen=True)
+class EngineReport:
+    """What a worker loaded at start: per bundle id, the engine's description or why it failed."""
+
+    worker: str
+    engines: dict[str, str]
+    failed: dict[str, str]
+
+
+def load_engines(factory: EngineFactory, bundles: dict[str, Bundle], worker: str) -> EngineReport:
+    """Load (deserialise, or build first) every bundle's engine, so jobs never wait for one and the
+    service reports ready only once they are loaded."""
+    loaded: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for bundle_id, bundle in bundles.items():
+        try:
+            loaded[bundle_id] = factory.get(bundle).description
+            log.info("%s: %s", bundle_id, loaded[bundle_id])
+        except NodeError as exc:
+            failed[bundle_id] = str(exc)
+            log.error("%s: no engine: %s", bundle_id, exc)
+    return EngineReport(worker, loaded, failed)
+
+
+def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,  # type: ignore[name-defined]
+                 reports: mp.Queue[EngineReport]) -> None:
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s {spec.name} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -63,7 +78,8 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
     cfg = spec.cfg
     index = Index(cfg.index_path)
     bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
-    engines: dict[str, Engine | None] = {}
+    factory = EngineFactory(cfg)
+    reports.put(load_engines(factory, bundles, spec.name))
     destinations = [d.name for d in cfg.destinations]
     while not stop.is_set() and not terminating:
         job = index.claim_job(spec.name)
@@ -77,9 +93,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event) -> None:  # type:
         started = time.time()
         log.info("job %d: %s on series %s (attempt %d)", job.id, bundle.id, job.series_uid, job.attempts)
         try:
-            if bundle.id not in engines:
-                engines[bundle.id] = make_engine(bundle, cfg)
-            engine = engines[bundle.id]
+            engine = factory.get(bundle).engine
             paths = index.instance_paths(job.series_uid)
             outcome = run_job(
                 paths,
@@ -131,6 +145,8 @@ class WorkerPool:
         self.index = index
         self._ctx = mp.get_context("spawn")
         self._stop = self._ctx.Event()
+        self._reports: mp.Queue[EngineReport] = self._ctx.Queue()
+        self.reports: dict[str, EngineReport] = {}  # per worker name, the latest report
         self._procs: dict[str, BaseProcess] = {}
         self._lock = threading.Lock()
 
@@ -140,7 +156,7 @@ class WorkerPool:
 
     def _spawn(self, name: str) -> None:
         spec = WorkerSpec(cfg=self.cfg, name=f"{name}-{os.getpid()}", log_level=logging.getLogger().level)
-        proc = self._ctx.Process(target=_worker_main, args=(spec, self._stop), name=name, daemon=False)
+        proc = self._ctx.Process(target=_worker_main, args=(spec, self._stop, self._reports), name=name, daemon=False)
         proc.start()
         self._procs[name] = proc
 
@@ -174,6 +190,21 @@ class WorkerPool:
                 proc.join(5)
                 if proc.is_alive():
                     proc.kill()
+
+    def collect_reports(self) -> list[EngineReport]:
+        """Engine reports that arrived since the last call (one per worker start)."""
+        new: list[EngineReport] = []
+        while True:
+            try:
+                report = self._reports.get_nowait()
+            except queue.Empty:
+                return new
+            prefix = report.worker.rsplit("-", 1)[0]
+            self.reports[prefix] = report
+            new.append(report)
+
+    def all_reported(self) -> bool:
+        return set(self.reports) >= set(self._procs)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs.values() if p.pid is not None]

@@ -65,6 +65,8 @@ class Service:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self.stop_event = threading.Event()
+        self.exit_code = 0
+        self._last_extend = 0.0
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = lock_state_dir(cfg.state_dir)
         self.spool = Spool(cfg.spool_dir)
@@ -98,20 +100,52 @@ class Service:
             self.receiver.start()  # first: a port in use fails here, before any worker exists
             self.workers.start()
             sender.start()
-            log.info("node %s ready: state in %s, bundles %s, destinations %s", self.cfg.ae_title,
-                     self.cfg.state_dir, ", ".join(b.id for b in self.bundles),
-                     ", ".join(map(str, self.cfg.destinations)) or "none")
-            notify("READY=1\nSTATUS=receiving")
+            # Receiving and assembling go on while the workers load their engines (a first TensorRT
+            # build takes minutes); what arrives meanwhile is durable and queued. READY=1 only once
+            # every worker has loaded every configured engine.
+            notify(f"STATUS=receiving; loading engines for {', '.join(b.id for b in self.bundles)}")
             watchdog = watchdog_interval_s()
             last_ping = 0.0
+            ready = False
             while not self.stop_event.is_set():
                 self.step()
-                if watchdog is not None and time.monotonic() - last_ping >= watchdog:
+                if not ready:
+                    ready = self._check_engines()
+                if ready and watchdog is not None and time.monotonic() - last_ping >= watchdog:
                     notify("WATCHDOG=1")
                     last_ping = time.monotonic()
                 self.stop_event.wait(LOOP_INTERVAL_S)
         finally:
             self.shutdown(sender)
+
+    def _check_engines(self) -> bool:
+        """True once every worker reported its engines (then READY=1 is sent, once); stops the service
+        when ``engines.backend = "tensorrt"`` and an engine could not be had on the GPU."""
+        self.workers.collect_reports()
+        if not self.workers.all_reported():
+            if time.monotonic() - self._last_extend >= 30:
+                # A first TensorRT build takes minutes: keep systemd's start timeout ahead of it.
+                notify("EXTEND_TIMEOUT_USEC=120000000")
+                self._last_extend = time.monotonic()
+            return False
+        reports = list(self.workers.reports.values())
+        engines = reports[0].engines if reports else {}
+        failed = {b: why for r in reports for b, why in r.failed.items()}
+        if failed and self.cfg.engine_backend == "tensorrt":
+            for bundle, why in failed.items():
+                log.error("%s: %s", bundle, why)
+            log.error("stopping: engines.backend is 'tensorrt' and %d engine(s) could not be loaded on the GPU", len(failed))
+            self.exit_code = 1
+            self.stop_event.set()
+            return True
+        for bundle, why in failed.items():
+            log.error("bundle %s has no engine; its jobs will fail: %s", bundle, why)
+        log.info("node %s ready: state in %s, bundles %s, destinations %s", self.cfg.ae_title, self.cfg.state_dir,
+                 ", ".join(f"{b} ({engines.get(b, 'failed')})" for b in (x.id for x in self.bundles)),
+                 ", ".join(map(str, self.cfg.destinations)) or "none")
+        status = "receiving" if not failed else f"receiving; no engine for {', '.join(failed)}"
+        notify(f"READY=1\nSTATUS={status}")
+        return True
 
     def step(self) -> None:
         """One turn of the main loop; exceptions are logged, never allowed to end the loop.
@@ -160,4 +194,4 @@ def serve(cfg: NodeConfig) -> int:
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
     service.run()
-    return 0
+    return service.exit_code

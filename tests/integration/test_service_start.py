@@ -39,3 +39,37 @@ def test_bad_config_names_the_key_and_exits_2(tmp_path: Path) -> None:
     proc = serve("-c", str(config), "--state-dir", str(tmp_path / "s"))
     assert proc.returncode == 2
     assert "key 'node.port' is 'eleven'; expected int" in proc.stderr and str(config) in proc.stderr
+
+
+def test_ready_only_after_the_engines_loaded_and_it_says_which(tmp_path: Path) -> None:
+    """The ready line comes after the worker loaded each bundle's engine, and names the engine."""
+    with NodeProcess(tmp_path / "n", bundles=("body-threshold", "body-lungs")) as node:
+        log = node.log_text()
+    ready = log.index("ready:")
+    assert log.index("body-threshold@0.1.0: ") < ready
+    line = log[ready:].splitlines()[0]
+    assert "body-threshold@0.1.0 (" in line and "body-lungs@1.0.0 (built-in algorithm (CPU))" in line
+
+
+def test_backend_tensorrt_without_a_gpu_stops_with_the_reason(tmp_path: Path) -> None:
+    """engines.backend = "tensorrt" is the operator saying: the GPU or nothing. Without one the
+    service does not report ready and exits 1 naming what is missing."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        import pytest
+
+        pytest.skip("TensorRT is installed here: this test needs a machine without it")
+    node = NodeProcess(tmp_path / "n", extra_toml='[engines]\nbundles = ["body-threshold"]\nbackend = "tensorrt"\n')
+    try:
+        node.start()
+    except RuntimeError as exc:
+        assert "exited with 1" in str(exc)
+    else:
+        node.stop()
+        raise AssertionError("the node reported ready without a GPU under engines.backend = 'tensorrt'")
+    log = node.log_text()
+    assert "ready:" not in log
+    assert "engines.backend is 'tensorrt'" in log and "TensorRT is not installed" in log

@@ -26,7 +26,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_embedded_defaults() -> None:
     cfg = load_config(None)
     assert cfg == NodeConfig()
-    assert cfg.port == 11112 and cfg.ae_title == "SEGNODE" and cfg.engine_backend == "cpu"
+    assert cfg.port == 11112 and cfg.ae_title == "SEGNODE" and cfg.engine_backend == "auto"
     assert (cfg.bundles_dir / "body-threshold" / "manifest.toml").is_file()
 
 

@@ -37,7 +37,7 @@ from node.config import NodeConfig
 from node.infer.bundle import Bundle, discover_bundles
 from node.infer.engine import Engine
 from node.jobs.pipeline import run_job
-from node.jobs.worker import make_engine
+from node.jobs.engines import make_engine
 from node.write.provenance import Provenance
 from tests.harness.result_checks import contour_plane_distance
 from tests.harness.synthetic_ct import HU_TABLE, body_mask_lps, phantom_hu, write_ct_series

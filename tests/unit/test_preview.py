@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from node.infer.bundle import discover_bundles
 from node.jobs.pipeline import run_job
-from node.jobs.worker import make_engine
+from node.jobs.engines import make_engine
 from node.config import NodeConfig
 from node.write.preview import PANEL_PX
 from node.write.provenance import Provenance

@@ -1,0 +1,138 @@
+"""`dicom-seg-node engines …`: doctor, build and bench for the inference engines.
+
+doctor   the GPU (or why there is none), what is installed, and per bundle: precision, tile batch,
+         expected time at this GPU's rates, whether its TensorRT plan is cached
+build    build (or verify) the TensorRT plans of the configured bundles into the state directory
+bench    time per tile and per volume, tiles/s and the fraction of the GPU's roofline, per engine,
+         with ONNX Runtime on the CPU beside it
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from node.config import NodeConfig
+from node.errors import InferenceError
+from node.infer.bundle import Bundle, discover_bundles
+
+
+def _bundles(cfg: NodeConfig, args: argparse.Namespace) -> list[Bundle]:
+    return discover_bundles(cfg.bundles_dir, tuple(args.bundle) if args.bundle else cfg.bundles)
+
+
+def cmd_doctor(cfg: NodeConfig, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from node.gpu.doctor import REFERENCE_SHAPE, REFERENCE_SPACING, describe_gpu, doctor
+
+    report = doctor(_bundles(cfg, args), backend=cfg.engine_backend, state_dir=cfg.state_dir,
+                    profile_path=Path(args.profile) if args.profile else None, gpu_index=cfg.gpu_index)
+    console = Console(width=max(Console().width, 160))
+    t = Table(title="what is installed")
+    for c in ("component", "", "detail"):
+        t.add_column(c, overflow="fold")
+    for b in report.backends:
+        t.add_row(b.name, "yes" if b.available else "no", escape(b.detail))
+    console.print(t)
+    if report.gpu is not None:
+        label = "recorded GPU profile" if report.profile_is_recorded else "GPU"
+        console.print(f"[bold]{label}:[/bold] {escape(describe_gpu(report.gpu))}")
+    else:
+        console.print(f"[bold]GPU:[/bold] none usable here: {escape(report.gpu_problem)}")
+        console.print("  (pass --profile tests/data/gpu_profiles/h100-sxm-80gb.json to see what a GPU would do)")
+    if report.rows:
+        shape = "x".join(map(str, REFERENCE_SHAPE))
+        spacing = "x".join(f"{s:g}" for s in REFERENCE_SPACING)
+        t = Table(title=f"per bundle on this GPU (a volume: {shape} CT at {spacing} mm; roofline: max(FLOPs / peak, unfused bytes / bandwidth))")
+        for c in ("bundle", "precision", "sample", "GFLOP", "MB moved", "batch opt/max", "tiles/vol",
+                  "roofline ms/tile", "roofline s/vol", "bound", "plan", "why"):
+            t.add_column(c, overflow="fold")
+        for r in report.rows:
+            why = "; ".join(x for x in (r.why_precision, r.why_batch) if x)
+            t.add_row(r.bundle, r.precision, r.sample, r.gflop, r.mb_moved, r.batch, r.tiles, r.per_tile_ms,
+                      r.per_volume_s, r.bound, r.plan, escape(why))
+        console.print(t)
+    console.print(f"[bold]this node will run:[/bold] {escape(report.verdict)}")
+    return 0
+
+
+def cmd_build(cfg: NodeConfig, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from node.gpu.backend import GpuSession, ensure_plan, plan_cache_for, plan_engine
+
+    try:
+        session = GpuSession(cfg.gpu_index)
+    except InferenceError as exc:
+        raise InferenceError(f"cannot build TensorRT plans here: {exc}") from exc
+    cache = plan_cache_for(cfg.state_dir)
+    t = Table(title=f"TensorRT plans for {session.profile.name} (TensorRT {session.tensorrt_version}) in {cache.root}")
+    for c in ("bundle", "precision", "batch", "plan", "", "seconds", "MiB"):
+        t.add_column(c, overflow="fold")
+    keys = []
+    for bundle in _bundles(cfg, args):
+        if bundle.model_file is None:
+            continue
+        plan = plan_engine(bundle, session.profile, session.tensorrt_version)
+        keys.append(plan.key)
+        cached = ensure_plan(plan, cache, force=args.force)
+        t.add_row(bundle.id, plan.precision.precision.value, f"{plan.sizing.min_batch}..{plan.sizing.max_batch}",
+                  str(cached.path), "built" if cached.built else "cached", f"{cached.build_seconds:.1f}",
+                  f"{len(cached.plan) / 2**20:.1f}")
+    Console().print(t)
+    stale = cache.stale_plans(keys)
+    if stale:
+        print(f"{len(stale)} plan(s) for other GPUs, TensorRT versions or models are not used: {', '.join(map(str, stale))}")
+    return 0
+
+
+def cmd_bench(cfg: NodeConfig, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rich.markup import escape
+
+    from node.gpu.bench import bench
+
+    rows, notes = bench(_bundles(cfg, args), state_dir=cfg.state_dir, repeats=args.repeats, gpu_index=cfg.gpu_index,
+                        threads=cfg.engine_threads)
+    t = Table(title=f"engines bench (median of {args.repeats}; a volume = the doctor's reference CT)")
+    for c in ("bundle", "engine", "batch", "ms/batch", "ms/tile", "tiles/s", "s/volume", "TFLOP/s",
+              "of compute roofline", "of bandwidth", "note"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(r.bundle, r.engine, str(r.batch), f"{r.per_batch_ms:,.1f}", f"{r.per_tile_ms:,.2f}",
+                  f"{r.tiles_per_s:,.1f}", f"{r.per_volume_s:,.2f}", f"{r.achieved_tflops:,.3f}", r.compute_fraction,
+                  r.bandwidth_fraction, r.note)
+    console = Console(width=max(Console().width, 160))
+    console.print(t)
+    for note in notes:
+        console.print(escape(note))
+    return 0
+
+
+def add_engines_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+                       add_config: Callable[[argparse.ArgumentParser], None],
+                       load: Callable[[argparse.Namespace], NodeConfig]) -> None:
+    p = sub.add_parser("engines", help="inference engines: doctor, build, bench",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = p.add_subparsers(dest="engines_command", required=True, metavar="VERB")
+
+    def verb(name: str, helptext: str, run: Callable[[NodeConfig, argparse.Namespace], int]) -> argparse.ArgumentParser:
+        v = verbs.add_parser(name, help=helptext, description=helptext)
+        add_config(v)
+        v.add_argument("--bundle", action="append", metavar="NAME", help="only this bundle (repeatable)")
+        v.set_defaults(func=lambda args: run(load(args), args))
+        return v
+
+    v = verb("doctor", "the GPU, what is installed, and what it implies for each bundle", cmd_doctor)
+    v.add_argument("--profile", metavar="JSON", help="plan for a recorded GPU profile instead of this machine's GPU")
+    v = verb("build", "build the TensorRT plans of the configured bundles (needs a GPU and TensorRT)", cmd_build)
+    v.add_argument("--force", action="store_true", help="rebuild even when a valid plan is cached")
+    v = verb("bench", "time each engine per tile and per volume, against the GPU's roofline", cmd_bench)
+    v.add_argument("--repeats", type=int, default=5, help="timed runs per engine (default 5)")

@@ -1,0 +1,189 @@
+"""The GPU backend: whether it can run here, and a TensorRT engine for a bundle (built or cached).
+
+``gpu_engine`` is the one entry point the worker uses: it reads the GPU's profile, decides the
+precision and the tile batch (:mod:`node.gpu.plan`), converts the ONNX model to that precision
+(:mod:`node.gpu.mixed_precision`), gets the plan from the cache or builds it
+(:mod:`node.gpu.plan_cache`, :mod:`node.gpu.trt_build`) and deserialises it
+(:mod:`node.gpu.trt_engine`). Any failure is an :class:`InferenceError` whose message says what is
+missing or what failed; the caller falls back to ONNX Runtime on the CPU with that message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import InferenceError
+from node.gpu.plan import BuildSizing, Precision, PrecisionChoice, choose_precision, size_batches
+from node.gpu.plan_cache import CachedPlan, PlanCache, PlanKey, TensorProfile
+from node.gpu.profile import GpuProfile, read_profile
+from node.infer.bundle import Bundle
+from node.infer.engine import BackendStatus
+from node.infer.model_cost import ModelCost, model_cost
+
+log = logging.getLogger(__name__)
+
+
+def tensorrt_status() -> BackendStatus:
+    from node.gpu.trt_build import tensorrt_version
+
+    try:
+        return BackendStatus("tensorrt", True, f"TensorRT {tensorrt_version()}")
+    except InferenceError as exc:
+        return BackendStatus("tensorrt", False, str(exc))
+
+
+def pycuda_status() -> BackendStatus:
+    try:
+        import pycuda
+    except ImportError as exc:
+        return BackendStatus("pycuda", False, f"pycuda is not installed ({exc}): pip install '.[gpu]'")
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        count = cuda.Device.count()
+    except Exception as exc:  # ImportError of libcuda, pycuda.driver.Error
+        return BackendStatus("pycuda", False, f"pycuda {pycuda.VERSION_TEXT} cannot initialise CUDA: {exc} "
+                                              "(is the NVIDIA driver installed and a GPU present?)")
+    if count == 0:
+        return BackendStatus("pycuda", False, "the NVIDIA driver reports no GPU")
+    return BackendStatus("pycuda", True, f"pycuda {pycuda.VERSION_TEXT}, {count} GPU(s)")
+
+
+def nvml_status() -> BackendStatus:
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return BackendStatus("nvml", False, "nvidia-ml-py is not installed (optional: fills clocks the driver does not "
+                                            "report): pip install '.[gpu]'")
+    return BackendStatus("nvml", True, "nvidia-ml-py installed")
+
+
+# ------------------------------------------------------------------------------------ planning
+@dataclass(frozen=True)
+class ModelInput:
+    """The shape the engine is built for: one sample (batch 1) and whether the batch is fixed."""
+
+    sample_shape: tuple[int, ...]
+    fixed_batch: int | None
+
+
+def model_input(bundle: Bundle) -> ModelInput:
+    """The concrete input of one sample: the sliding window's patch or the single block, and the
+    ONNX input's batch dimension (fixed when it is a number)."""
+    import onnx
+
+    if bundle.model_file is None:
+        raise InferenceError(f"bundle {bundle.name} is a built-in algorithm; it has no network to build")
+    model = onnx.load(str(bundle.model_file), load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    if bundle.input_name not in inputs:
+        raise InferenceError(f"bundle {bundle.name}: {bundle.model_file.name} has no input {bundle.input_name!r}")
+    dims = inputs[bundle.input_name].type.tensor_type.shape.dim
+    batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    if bundle.window.mode == "single-block":
+        assert bundle.window.block is not None  # load_bundle requires a block in single-block mode
+        return ModelInput((1, 1, *bundle.window.block), 1)  # one block per series: a batch of 1
+    return ModelInput((1, 1, *bundle.window.patch), batch)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything decided for one bundle on one GPU, before anything is built."""
+
+    bundle: Bundle
+    gpu: GpuProfile
+    cost: ModelCost
+    precision: PrecisionChoice
+    sizing: BuildSizing
+    key: PlanKey
+
+
+def plan_engine(bundle: Bundle, gpu: GpuProfile, tensorrt_version: str) -> EnginePlan:
+    """Decide precision, profile and cache key for ``bundle`` on ``gpu`` (no GPU or TensorRT needed)."""
+    if bundle.model_file is None:
+        raise InferenceError(f"bundle {bundle.name} is a built-in algorithm; it has no network to build")
+    shape = model_input(bundle)
+    cost = model_cost(bundle.model_file, shape.sample_shape)
+    choice = choose_precision(gpu, bundle.gpu.precision)
+    sizing = size_batches(gpu, cost, choice.precision, batch_dim_fixed=shape.fixed_batch,
+                          preferred_batch=bundle.window.batch, name=f"bundle {bundle.name}")
+    if bundle.gpu.max_batch and sizing.max_batch > bundle.gpu.max_batch:
+        capped = bundle.gpu.max_batch
+        sizing = BuildSizing(min(sizing.min_batch, capped), min(sizing.opt_batch, capped), capped,
+                             sizing.workspace_bytes, sizing.per_sample_bytes, sizing.fixed_bytes, sizing.budget_bytes,
+                             sizing.reason + f"; capped at {capped} by the bundle's [gpu] max_batch")
+    spatial = shape.sample_shape[1:]
+    profile = TensorProfile(bundle.input_name, (sizing.min_batch, *spatial), (sizing.opt_batch, *spatial),
+                            (sizing.max_batch, *spatial))
+    key = PlanKey(
+        bundle=bundle.id,
+        onnx_sha256=bundle.model_sha256,
+        tensorrt_version=tensorrt_version,
+        gpu_name=gpu.name,
+        compute_capability=gpu.cc_text,
+        precision=choice.precision.value,
+        profiles=(profile,),
+    )
+    return EnginePlan(bundle, gpu, cost, choice, sizing, key)
+
+
+def onnx_at_precision(bundle: Bundle, precision: Precision) -> bytes:
+    """The bundle's ONNX model as bytes, converted to ``precision`` (FP32: the file as it is)."""
+    assert bundle.model_file is not None
+    if precision is Precision.FP32:
+        return bundle.model_file.read_bytes()
+    import onnx
+
+    from node.gpu.mixed_precision import to_mixed_precision
+
+    model = to_mixed_precision(onnx.load(str(bundle.model_file)), precision.value)  # type: ignore[arg-type]
+    return bytes(model.SerializeToString())
+
+
+def ensure_plan(plan: EnginePlan, cache: PlanCache, *, force: bool = False) -> CachedPlan:
+    """The serialised plan for ``plan.key``: from the cache, or built now (minutes for a 3D U-Net)."""
+    from node.gpu.trt_build import build_plan
+
+    def build(timing: bytes | None) -> tuple[bytes, bytes]:
+        log.info("building the TensorRT plan for %s on %s: %s; batch %d..%d (%s); workspace %d MiB",
+                 plan.bundle.id, plan.gpu.name, plan.precision.reason, plan.sizing.min_batch, plan.sizing.max_batch,
+                 plan.sizing.reason, plan.sizing.workspace_bytes >> 20)
+        return build_plan(onnx_at_precision(plan.bundle, plan.precision.precision), plan.key, timing,
+                          workspace_bytes=plan.sizing.workspace_bytes)
+
+    return cache.get_or_build(plan.key, build, force=force)
+
+
+def plan_cache_for(state_dir: Path) -> PlanCache:
+    from node.gpu.trt_build import merge_timing_caches
+
+    return PlanCache(state_dir / "engines", merge_timing=merge_timing_caches)
+
+
+class GpuSession:
+    """The GPU a worker uses: its context and profile, opened once per process."""
+
+    def __init__(self, index: int = 0) -> None:
+        from node.gpu.trt_build import tensorrt_version
+        from node.gpu.trt_engine import CudaContext
+
+        self.tensorrt_version = tensorrt_version()  # first: says how to install it when missing
+        status = pycuda_status()
+        if not status.available:
+            raise InferenceError(status.detail)
+        self.profile = read_profile(index)
+        self.context = CudaContext(index)
+
+    def engine(self, bundle: Bundle, state_dir: Path) -> tuple[object, EnginePlan, CachedPlan]:
+        """A deserialised TensorRTEngine for ``bundle`` (built first when the cache has no plan)."""
+        from node.gpu.trt_engine import TensorRTEngine
+
+        plan = plan_engine(bundle, self.profile, self.tensorrt_version)
+        cached = ensure_plan(plan, plan_cache_for(state_dir))
+        engine = TensorRTEngine(cached.plan, name=f"tensorrt-{plan.precision.precision.value}:{bundle.name}",
+                                input_name=bundle.input_name, output_name=bundle.output_name,
+                                max_batch=plan.sizing.max_batch, context=self.context)
+        return engine, plan, cached

@@ -1,0 +1,139 @@
+"""`engines doctor`: the GPU, what is installed, and what it implies for each bundle.
+
+Works without a GPU: it then says what is missing and how to install it, and with ``--profile`` it
+shows what a recorded GPU (tests/data/gpu_profiles/*.json) would do with each bundle — precision,
+tile batch, expected time from the model's FLOPs and bytes at that GPU's rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import InferenceError, NodeError
+from node.gpu.backend import EnginePlan, nvml_status, plan_cache_for, plan_engine, pycuda_status, tensorrt_status
+from node.gpu.plan import roofline
+from node.gpu.profile import GpuProfile, read_profile
+from node.infer.bundle import Bundle
+from node.infer.engine import BackendStatus
+from node.infer.onnxrt import status as onnxruntime_status
+from node.infer.transforms import model_grid_shape
+from node.infer.window import tile_starts
+
+#: The volume "per volume" figures refer to: a 300-slice abdominal CT, 512 x 512, 1.0 x 0.8 x 0.8 mm.
+REFERENCE_SHAPE = (300, 512, 512)
+REFERENCE_SPACING = (1.0, 0.8, 0.8)
+
+GiB = 1 << 30
+
+
+def tiles_per_reference_volume(bundle: Bundle) -> int:
+    """How many network inputs one reference CT needs: 1 block, or the sliding window's tile count."""
+    if bundle.window.mode == "single-block":
+        return 1
+    spacing = bundle.preprocess.spacing_mm or REFERENCE_SPACING
+    grid = model_grid_shape(REFERENCE_SHAPE, REFERENCE_SPACING, spacing)
+    count = 1
+    for n, p in zip(grid, bundle.window.patch):
+        step = max(1, int(round(p * (1 - bundle.window.overlap))))
+        count *= len(tile_starts(max(n, p), p, step))
+    return count
+
+
+def describe_gpu(gpu: GpuProfile) -> str:
+    return (f"{gpu.name} (compute capability {gpu.cc_text}): {gpu.sm_count} SMs at {gpu.sm_clock_khz / 1e3:,.0f} MHz; "
+            f"{gpu.free_memory_bytes / GiB:,.1f} GiB free of {gpu.total_memory_bytes / GiB:,.1f} GiB; "
+            f"{gpu.memory_bus_width_bits}-bit bus at {gpu.memory_clock_khz / 1e3:,.0f} MHz = "
+            f"{gpu.peak_bandwidth_bytes_s / 1e12:,.2f} TB/s; L2 {gpu.l2_cache_bytes / 2**20:,.0f} MiB; peak "
+            f"{gpu.peak_flops('fp16') / 1e12:,.0f} TFLOP/s FP16{' (tensor cores)' if gpu.has_tensor_cores else ''}, "
+            f"{gpu.peak_fp32_flops / 1e12:,.1f} TFLOP/s FP32; driver {gpu.driver_version or 'unknown'} "
+            f"[{gpu.source}]")
+
+
+@dataclass(frozen=True)
+class BundleRow:
+    bundle: str
+    precision: str
+    why_precision: str
+    sample: str
+    gflop: str
+    mb_moved: str
+    batch: str
+    why_batch: str
+    tiles: str
+    per_tile_ms: str
+    per_volume_s: str
+    bound: str
+    plan: str
+
+
+def bundle_row(bundle: Bundle, gpu: GpuProfile, tensorrt_version: str, state_dir: Path | None) -> BundleRow:
+    if bundle.model_file is None:
+        return BundleRow(bundle.id, "-", "built-in algorithm: runs on the CPU", "-", "-", "-", "-", "", "-", "-", "-",
+                         "-", "-")
+    try:
+        plan: EnginePlan = plan_engine(bundle, gpu, tensorrt_version)
+    except NodeError as exc:
+        return BundleRow(bundle.id, "-", str(exc), "-", "-", "-", "-", "", "-", "-", "-", "-", "CPU fallback")
+    est = roofline(gpu, plan.cost, plan.precision.precision)
+    tiles = tiles_per_reference_volume(bundle)
+    cache = "-"
+    if state_dir is not None:
+        found = plan_cache_for(state_dir).lookup(plan.key)
+        cache = f"cached ({plan.key.digest})" if found is not None else f"not built ({plan.key.digest})"
+    return BundleRow(
+        bundle=bundle.id,
+        precision=plan.precision.precision.value.upper(),
+        why_precision=plan.precision.reason,
+        sample="x".join(str(d) for d in plan.cost.input_shape[2:]),
+        gflop=f"{plan.cost.flops / 1e9:,.1f}",
+        mb_moved=f"{plan.cost.bytes_moved(plan.precision.precision.element_size) / 1e6:,.0f}",
+        batch=f"{plan.sizing.opt_batch}/{plan.sizing.max_batch}",
+        why_batch=plan.sizing.reason,
+        tiles=str(tiles),
+        per_tile_ms=f"{est.seconds * 1e3:,.2f}",
+        per_volume_s=f"{est.seconds * tiles:,.3f}",
+        bound=est.bound,
+        plan=cache,
+    )
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    backends: list[BackendStatus]
+    gpu: GpuProfile | None
+    gpu_problem: str           # why no GPU was read ("" when one was)
+    profile_is_recorded: bool  # the GPU came from --profile, not from this machine
+    rows: list[BundleRow]
+    verdict: str
+
+
+def doctor(bundles: list[Bundle], *, backend: str, state_dir: Path | None, profile_path: Path | None = None,
+           gpu_index: int = 0) -> DoctorReport:
+    backends = [onnxruntime_status(), tensorrt_status(), pycuda_status(), nvml_status()]
+    status = {b.name: b for b in backends}
+    gpu: GpuProfile | None = None
+    problem = ""
+    if profile_path is not None:
+        gpu = GpuProfile.load(profile_path)
+    elif status["pycuda"].available:
+        try:
+            gpu = read_profile(gpu_index)
+        except InferenceError as exc:
+            problem = str(exc)
+    else:
+        problem = status["pycuda"].detail
+    trt_version = status["tensorrt"].detail.removeprefix("TensorRT ") if status["tensorrt"].available else "(not installed)"
+    rows = [bundle_row(b, gpu, trt_version, state_dir if profile_path is None else None) for b in bundles] if gpu else []
+    missing = [b.detail for b in backends[1:3] if not b.available]
+    if backend == "cpu":
+        verdict = "engines.backend is 'cpu': every model runs on ONNX Runtime on the CPU; the GPU is not used."
+    elif profile_path is None and gpu is not None and not missing:
+        verdict = "TensorRT on the GPU: plans are built at the first start (or by `engines build`) and cached."
+    else:
+        reasons = "; ".join(missing or [problem]) or "no GPU"
+        if profile_path is not None:
+            reasons = f"the GPU above is a recorded profile, not this machine's; here: {reasons}"
+        verdict = (f"ONNX Runtime on the CPU, because {reasons}." if backend == "auto"
+                   else f"engines.backend is 'tensorrt' and the service will not start: {reasons}.")
+    return DoctorReport(backends, gpu, problem, profile_path is not None, rows, verdict)

@@ -1,0 +1,87 @@
+"""Which engine a bundle gets under each ``engines.backend``, on a machine without a GPU or TensorRT
+(the CI machine): "auto" falls back to ONNX Runtime and says why once, "tensorrt" refuses, "cpu"
+never touches the GPU code."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.config import NodeConfig
+from node.errors import InferenceError
+from node.infer.bundle import discover_bundles
+from node.infer.onnxrt import OnnxRuntimeEngine
+from node.jobs.engines import EngineFactory
+from node.jobs.worker import load_engines
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINES = REPO / "engines"
+
+
+def _gpu_missing() -> str | None:
+    try:
+        import pycuda.driver as cuda
+        import tensorrt  # noqa: F401
+
+        cuda.init()
+        return None if cuda.Device.count() else "no GPU"
+    except Exception as exc:
+        return str(exc)
+
+
+pytestmark = pytest.mark.skipif(_gpu_missing() is None, reason="this machine has a GPU and TensorRT: the fallback "
+                                                              "tests need a machine without them")
+
+
+def bundles(*names: str):  # type: ignore[no-untyped-def]
+    return discover_bundles(ENGINES, names)
+
+
+def test_auto_falls_back_to_onnxruntime_and_says_why_once(caplog: pytest.LogCaptureFixture) -> None:
+    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="auto"))
+    with caplog.at_level(logging.WARNING, logger="node.jobs.engines"):
+        loaded = [factory.get(b) for b in bundles("body-threshold", "liver")]
+    assert all(isinstance(x.engine, OnnxRuntimeEngine) for x in loaded)
+    assert all(x.description == "ONNX Runtime on the CPU" for x in loaded)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings  # two bundles, one reason: logged once
+    assert "ONNX Runtime runs on the CPU" in warnings[0] and "pip install '.[gpu]'" in warnings[0]
+    # The fallback engine really runs.
+    out = loaded[0].engine.run(np.zeros((1, 1, 32, 128, 128), np.float32))  # type: ignore[union-attr]
+    assert out.shape == (1, 2, 32, 128, 128)
+
+
+def test_tensorrt_backend_refuses_to_fall_back() -> None:
+    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="tensorrt"))
+    with pytest.raises(InferenceError, match=r"bundle body-threshold: engines.backend is 'tensorrt' but .*install"):
+        factory.get(bundles("body-threshold")[0])
+
+
+def test_cpu_backend_never_opens_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.gpu.backend
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the GPU was opened under engines.backend = 'cpu'")
+
+    monkeypatch.setattr(node.gpu.backend, "GpuSession", explode)
+    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="cpu"))
+    assert isinstance(factory.get(bundles("body-threshold")[0]).engine, OnnxRuntimeEngine)
+
+
+def test_built_in_algorithms_need_no_engine() -> None:
+    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="tensorrt"))
+    loaded = factory.get(bundles("body-lungs")[0])
+    assert loaded.engine is None and "built-in" in loaded.description
+
+
+def test_the_worker_report_names_each_engine_or_its_failure() -> None:
+    found = {b.id: b for b in bundles("body-threshold", "body-lungs")}
+    report = load_engines(EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="auto")), found, "worker-0-1")
+    assert set(report.engines) == set(found) and not report.failed
+    strict = load_engines(EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="tensorrt")), found, "worker-0-1")
+    assert list(strict.failed) == ["body-threshold@0.1.0"] and "engines.backend is 'tensorrt'" in strict.failed[
+        "body-threshold@0.1.0"]
+    assert list(strict.engines) == ["body-lungs@1.0.0"]
