@@ -68,12 +68,12 @@ def bench_onnxruntime(bundle: Bundle, engine: Engine, repeats: int) -> BenchRow:
 
 def bench_tensorrt(bundle: Bundle, state_dir: Path, repeats: int, gpu_index: int = 0) -> list[BenchRow]:
     """Two rows: the network on device buffers, and with host copies (double-buffered ``run``)."""
-    import pycuda.driver as cuda
-
     from node.gpu.backend import GpuSession
     from node.gpu.plan import roofline
 
-    session = GpuSession(gpu_index)
+    session = GpuSession(gpu_index)  # first: says what is missing when TensorRT, pycuda or a GPU is
+
+    import pycuda.driver as cuda
     engine_obj, plan, _ = session.engine(bundle, state_dir)
     engine: Any = engine_obj
     batch = plan.sizing.opt_batch if bundle.window.mode != "single-block" else 1
