@@ -112,6 +112,8 @@ class TensorRTEngine:
             dtype = trt.nptype(self._engine.get_tensor_dtype(tensor))
             if dtype != np.float32:
                 raise InferenceError(f"{name}: tensor {tensor!r} is {np.dtype(dtype).name}; the node feeds and reads float32")
+        self._resident: Any = None
+        self._resident_error: str | None = None
         in_count = max_batch * int(np.prod(self.tile_shape))
         out_count = max_batch * self.channels * int(np.prod(self.output_shape))
         with _cuda_step(f"allocating {name}'s buffers ({(in_count + out_count) * 8 / 2**20:,.0f} MiB)"):
@@ -179,12 +181,29 @@ class TensorRTEngine:
         result[slot.pending] = slot.host_out[: count * sample_out].reshape(count, *result.shape[1:])
         slot.pending = None
 
+    # ------------------------------------------------------------------------ GPU-resident
+    def resident_pipeline(self) -> Any:
+        """The GPU-resident pre/post-processing around this engine (node.gpu.resident), made once; None
+        when its kernels cannot be loaded here (then tiles go through host memory; said once)."""
+        if self._resident is None and self._resident_error is None:
+            from node.gpu.resident import ResidentPipeline
+
+            try:
+                self._resident = ResidentPipeline(self)
+            except InferenceError as exc:
+                self._resident_error = str(exc)
+                log.warning("%s: pre/post-processing stays on the CPU (the kernels cannot be loaded: %s)", self.name, exc)
+        return self._resident
+
     @property
     def device_memory_bytes(self) -> int:
         size = getattr(self._engine, "device_memory_size_v2", None)
         return int(size if size is not None else 0)
 
     def close(self) -> None:
+        if self._resident is not None:
+            self._resident.close()
+            self._resident = None
         for slot in getattr(self, "_slots", []):
             slot.device_in.free()
             slot.device_out.free()

@@ -20,7 +20,7 @@ from node.errors import BundleError, InferenceError
 from node.infer.bundle import Bundle
 from node.infer.coverage import check_body_width
 from node.infer.crop import abdomen_box
-from node.infer.engine import Engine
+from node.infer.engine import Engine, device_pipeline
 from node.infer.median import median3
 from node.infer.memory import release_free_memory
 from node.infer.orient import Reorientation, reorientation
@@ -81,6 +81,27 @@ def _open_keep_largest(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(largest_component(eroded), structure=structure)
 
 
+def _channels_on_host(image: np.ndarray, bundle: Bundle, engine: Engine) -> list[tuple[int, np.ndarray]]:
+    """Normalisation, the block, the network and the threshold in host memory, for an image already at
+    the model's spacing: one (label value, mask on the model grid) per label."""
+    pre, win, post = bundle.preprocess, bundle.window, bundle.postprocess
+    assert win.block is not None
+    image = normalise(image, pre)
+    pad = win.pad_value if win.pad_value is not None else (pre.clip[0] + pre.offset) * pre.scale
+    block = place_in_block(image, win.block, pad)
+    release_free_memory()  # the preprocessing's freed temporaries, before the network's ~2 GB
+    output = engine.run(block)
+    del block
+    if output.ndim != 5 or output.shape[0] != 1:
+        raise InferenceError(f"{engine.name} returned shape {output.shape}; expected (1, K, D, H, W)")
+    probabilities = image_probabilities(output[0], image.shape, win.block, win.output_margin)  # type: ignore[arg-type]
+    del output, image
+    if bundle.activation == "sigmoid":
+        return [(label.value, probabilities[i] > post.threshold) for i, label in enumerate(bundle.labels)]
+    best = np.argmax(probabilities, axis=0)
+    return [(label.value, best == label.value) for label in bundle.labels]
+
+
 def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.ndarray:
     """Labels (uint8, shaped like ``volume``) from one block of ``bundle``'s network."""
     pre, win, post = bundle.preprocess, bundle.window, bundle.postprocess
@@ -109,25 +130,16 @@ def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.n
             image = median3(image)
         elif pre.median_size > 1:
             image = ndimage.median_filter(image, size=pre.median_size, mode="nearest")
-    image = resample_centred(image, image_spacing, pre.spacing_mm)
-    image = normalise(image, pre)
-    pad = win.pad_value if win.pad_value is not None else (pre.clip[0] + pre.offset) * pre.scale
-    block = place_in_block(image, win.block, pad)
-    release_free_memory()  # the preprocessing's freed temporaries, before the network's ~2 GB
-    output = engine.run(block)
-    del block
-    if output.ndim != 5 or output.shape[0] != 1:
-        raise InferenceError(f"{engine.name} returned shape {output.shape}; expected (1, K, D, H, W)")
-    probabilities = image_probabilities(output[0], image.shape, win.block, win.output_margin)  # type: ignore[arg-type]
-    del output
-
-    del image
-    labels_crop = np.zeros(crop_shape, dtype=np.uint8)
-    if bundle.activation == "sigmoid":
-        channels = [(label.value, probabilities[i] > post.threshold) for i, label in enumerate(bundle.labels)]
+    values = [label.value for label in bundle.labels]
+    resident = device_pipeline(engine)
+    if resident is not None:  # resampling, normalisation, block, network and threshold on the GPU
+        channels, _ = resident.single_block_channels(image, image_spacing, pre, win, bundle.activation,
+                                                     post.threshold, values)
+        del image
     else:
-        best = np.argmax(probabilities, axis=0)
-        channels = [(label.value, best == label.value) for label in bundle.labels]
+        image = resample_centred(image, image_spacing, pre.spacing_mm)  # drops the larger intermediate image
+        channels = _channels_on_host(image, bundle, engine)
+    labels_crop = np.zeros(crop_shape, dtype=np.uint8)
     for value, mask in channels:
         if post.open_model_grid and mask.any():
             mask = _open_keep_largest(mask)

@@ -8,7 +8,7 @@ install.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,3 +26,10 @@ class BackendStatus:
     name: str
     available: bool
     detail: str  # the version when available, else what is missing and how to install it
+
+
+def device_pipeline(engine: Engine | None) -> Any:
+    """The engine's GPU-resident pre/post-processing (node.gpu.resident.ResidentPipeline) when it has
+    one that works here, else None (ONNX Runtime engines have none)."""
+    make = getattr(engine, "resident_pipeline", None)
+    return make() if make is not None else None

@@ -8,13 +8,18 @@ from node.assemble.volume import Volume
 from node.errors import BundleError
 from node.infer.bundle import Bundle
 from node.infer.coverage import check_coverage
-from node.infer.engine import Engine
+from node.infer.engine import Engine, device_pipeline
 from node.infer.memory import release_free_memory
 from node.infer.transforms import labels_on_native_grid, postprocess, to_model_grid
 from node.infer.window import sliding_window
 
 
 def _sliding(volume: Volume, bundle: Bundle, engine: Engine) -> np.ndarray:
+    resident = device_pipeline(engine)
+    if resident is not None:  # the volume goes to the GPU once, labels come back once
+        labels: np.ndarray = resident.sliding_labels(volume.voxels, volume.geometry.spacing, bundle.preprocess,
+                                                     bundle.window)
+        return labels
     pre = bundle.preprocess
     image = to_model_grid(volume.voxels, volume.geometry.spacing, pre)
     pad_value = (pre.clip[0] + pre.offset) * pre.scale
