@@ -182,8 +182,24 @@ class GpuSession:
         from node.gpu.trt_engine import TensorRTEngine
 
         plan = plan_engine(bundle, self.profile, self.tensorrt_version)
-        cached = ensure_plan(plan, plan_cache_for(state_dir))
+        cache = plan_cache_for(state_dir)
+        cached = ensure_plan(plan, cache)
         engine = TensorRTEngine(cached.plan, name=f"tensorrt-{plan.precision.precision.value}:{bundle.name}",
                                 input_name=bundle.input_name, output_name=bundle.output_name,
                                 max_batch=plan.sizing.max_batch, context=self.context)
+        if cached.built:
+            from node.gpu.check import verify_against_reference
+            from node.infer.onnxrt import OnnxRuntimeEngine
+
+            assert bundle.model_file is not None
+            reference = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name,
+                                          output_name=bundle.output_name)
+            try:
+                summary = verify_against_reference(bundle, engine, reference,  # type: ignore[arg-type]
+                                                   plan.precision.precision.value.upper())
+            except InferenceError:
+                engine.close()
+                cache.discard(plan.key)  # never reused; the next start builds and checks again
+                raise
+            log.info("the new plan of %s agrees with ONNX Runtime: %s", bundle.id, summary)
         return engine, plan, cached

@@ -212,6 +212,13 @@ class PlanCache:
                 data = merge(path.read_bytes(), data)
             atomic_write(path, data)
 
+    def discard(self, key: PlanKey) -> None:
+        """Remove ``key``'s plan (sidecar first, so a crash in between leaves nothing trusted)."""
+        path = self.plan_path(key)
+        with file_lock(path.with_suffix(".lock")):
+            path.with_suffix(".json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+
     def stale_plans(self, keys: list[PlanKey]) -> list[Path]:
         """Plans on disk that none of ``keys`` would use (other GPUs, TensorRT versions, models)."""
         wanted = {self.plan_path(k) for k in keys}
