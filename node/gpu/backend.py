@@ -152,7 +152,7 @@ def ensure_plan(plan: EnginePlan, cache: PlanCache, *, force: bool = False) -> C
                  plan.bundle.id, plan.gpu.name, plan.precision.reason, plan.sizing.min_batch, plan.sizing.max_batch,
                  plan.sizing.reason, plan.sizing.workspace_bytes >> 20)
         return build_plan(onnx_at_precision(plan.bundle, plan.precision.precision), plan.key, timing,
-                          workspace_bytes=plan.sizing.workspace_bytes)
+                          workspace_bytes=plan.sizing.workspace_bytes, model_path=str(plan.bundle.model_file))
 
     return cache.get_or_build(plan.key, build, force=force)
 
@@ -177,6 +177,10 @@ class GpuSession:
         self.profile = read_profile(index)
         self.context = CudaContext(index)
 
+    def close(self) -> None:
+        """Release the CUDA context (engines made in this session must not be used afterwards)."""
+        self.context.close()
+
     def engine(self, bundle: Bundle, state_dir: Path) -> tuple[object, EnginePlan, CachedPlan]:
         """A deserialised TensorRTEngine for ``bundle`` (built first when the cache has no plan)."""
         from node.gpu.trt_engine import TensorRTEngine
@@ -186,7 +190,7 @@ class GpuSession:
         cached = ensure_plan(plan, cache)
         engine = TensorRTEngine(cached.plan, name=f"tensorrt-{plan.precision.precision.value}:{bundle.name}",
                                 input_name=bundle.input_name, output_name=bundle.output_name,
-                                max_batch=plan.sizing.max_batch, context=self.context)
+                                max_batch=plan.sizing.max_batch, min_batch=plan.sizing.min_batch, context=self.context)
         if cached.built:
             from node.gpu.check import verify_against_reference
             from node.infer.onnxrt import OnnxRuntimeEngine

@@ -283,8 +283,11 @@ class CudaDevice:
             self._cuda.memcpy_dtoh_async(dst, src, stream)
 
     def zero(self, ptr: int, nbytes: int, stream: Any) -> None:
+        # pycuda's memset_d8_async takes an unsigned int count: zero large buffers in chunks.
+        chunk = 1 << 31
         with cuda_step(f"zeroing {nbytes:,} bytes of GPU memory"):
-            self._cuda.memset_d8_async(ptr, 0, nbytes, stream)
+            for start in range(0, nbytes, chunk):
+                self._cuda.memset_d8_async(ptr + start, 0, min(chunk, nbytes - start), stream)
 
     def synchronize(self, stream: Any) -> None:
         with cuda_step("waiting for the GPU to finish the queued kernels and copies"):

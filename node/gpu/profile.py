@@ -174,6 +174,11 @@ def _nvml_figures(index: int) -> dict[str, int | str]:
     return figures
 
 
+def _cuda_version_text(version: int) -> str:
+    """CUDA's integer version (major·1000 + minor·10) as text: 12040 → "12.4"."""
+    return f"{version // 1000}.{(version % 1000) // 10}"
+
+
 def read_profile(index: int = 0) -> GpuProfile:
     """Read GPU ``index`` through pycuda (and NVML for what pycuda's attributes leave at 0).
 
@@ -192,8 +197,14 @@ def read_profile(index: int = 0) -> GpuProfile:
         attr = cuda.device_attribute
 
         def attribute(name: str) -> int:
+            """The attribute, or 0 when this pycuda or driver does not know it (NVML fills it in)."""
             key = getattr(attr, name, None)
-            return int(device.get_attribute(key)) if key is not None else 0
+            if key is None:
+                return 0
+            try:
+                return int(device.get_attribute(key))
+            except Exception:  # pycuda.driver.Error: an attribute the driver rejects
+                return 0
 
         context = device.make_context()
         try:
@@ -212,7 +223,7 @@ def read_profile(index: int = 0) -> GpuProfile:
             "memory_clock_khz": attribute("MEMORY_CLOCK_RATE"),
             "memory_bus_width_bits": attribute("GLOBAL_MEMORY_BUS_WIDTH"),
             "l2_cache_bytes": attribute("L2_CACHE_SIZE"),
-            "driver_version": ".".join(str(v) for v in divmod(cuda.get_driver_version(), 1000)),
+            "driver_version": _cuda_version_text(cuda.get_driver_version()),
         }
     except InferenceError:
         raise

@@ -60,7 +60,8 @@ def make_logger() -> Any:
     return _Logger()
 
 
-def build_plan(onnx_model: bytes, key: PlanKey, timing_cache: bytes | None, *, workspace_bytes: int) -> tuple[bytes, bytes]:
+def build_plan(onnx_model: bytes, key: PlanKey, timing_cache: bytes | None, *, workspace_bytes: int,
+               model_path: str | None = None) -> tuple[bytes, bytes]:
     """Build ``onnx_model`` (already at the key's precision) into a serialised plan.
 
     Returns (plan, timing cache). Raises :class:`InferenceError` with the parser's or builder's
@@ -76,14 +77,19 @@ def build_plan(onnx_model: bytes, key: PlanKey, timing_cache: bytes | None, *, w
         flags |= 1 << int(strongly_typed)  # required on 10.x, ignored (always on) on 11.x
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_model):
+    # The model's own path lets the parser find weights stored beside it (ONNX external data).
+    if not (parser.parse(onnx_model, model_path) if model_path else parser.parse(onnx_model)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise InferenceError(f"TensorRT's ONNX parser rejected {key.bundle}'s model: {'; '.join(errors) or logger.errors}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     cache = config.create_timing_cache(timing_cache or b"")
-    config.set_timing_cache(cache, False)  # a cache from another GPU/version is ignored, not trusted
+    if cache is None or not config.set_timing_cache(cache, False):
+        # A damaged cache, or one from another GPU/version: start an empty one rather than trust it.
+        log.warning("the timing cache for %s was not accepted; building with an empty one", key.gpu_name)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
 
     profiles = {p.name: p for p in key.profiles}
     profile = builder.create_optimization_profile()
@@ -101,7 +107,7 @@ def build_plan(onnx_model: bytes, key: PlanKey, timing_cache: bytes | None, *, w
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise InferenceError(f"TensorRT could not build {key.bundle}'s plan: {'; '.join(logger.errors) or 'see the log'}")
-    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+    return bytes(serialized), bytes(cache.serialize())
 
 
 def merge_timing_caches(on_disk: bytes, ours: bytes) -> bytes:
@@ -111,5 +117,6 @@ def merge_timing_caches(on_disk: bytes, ours: bytes) -> bytes:
     builder = trt.Builder(make_logger())
     config = builder.create_builder_config()
     merged = config.create_timing_cache(on_disk)
-    merged.combine(config.create_timing_cache(ours), True)
+    if merged is None or not merged.combine(config.create_timing_cache(ours), True):
+        return ours  # the file on disk was damaged or foreign: ours replaces it
     return bytes(merged.serialize())

@@ -1,17 +1,19 @@
 """A deserialised TensorRT plan run with pycuda: buffers allocated once, copies overlapping compute.
 
 Ownership is explicit (the Polygraphy/TensorRT-samples pattern): the engine owns two slots, each a
-page-locked host input/output pair and a device input/output pair sized for the profile's maximum
-batch, and one CUDA stream per slot. ``run`` splits the tiles into batches and alternates slots, so
-the host→device copy of batch i+1 and the device→host copy of batch i−1 overlap the network's
-compute on batch i; compute itself is serialised (one execution context) by an event chain. The
-GPU-resident pipeline uses ``enqueue`` instead, on its own device buffers, with no copies at all.
+page-locked host input/output pair, a device input/output pair sized for the profile's maximum batch
+and a copy stream; every enqueue goes to the one compute stream (TensorRT: one execution context,
+one stream at a time). ``run`` splits the tiles into batches and alternates slots: batch i+1's
+host→device copy and batch i−1's device→host copy run on the slots' copy streams while batch i
+computes, ordered by events (input copied → compute → output copied). The GPU-resident pipeline
+uses ``enqueue`` instead, on its own device buffers and stream, with no copies at all.
 
 Every CUDA failure becomes an :class:`InferenceError` naming the step.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,24 +37,33 @@ def _cuda_step(what: str) -> Iterator[None]:
 
 
 class CudaContext:
-    """The device's primary context (shared with TensorRT's runtime API calls), current while held."""
+    """The device's primary context (shared with TensorRT's runtime API calls), current while held.
+
+    Popped and released at ``close`` or at interpreter exit (as pycuda.autoprimaryctx does): pycuda
+    aborts the process when its context stack is not empty at module clean-up.
+    """
 
     def __init__(self, index: int = 0) -> None:
         import pycuda.driver as cuda
 
+        self._cuda = cuda
         with _cuda_step(f"opening GPU {index}"):
             cuda.init()
             self.device = cuda.Device(index)
             self._context = self.device.retain_primary_context()
             self._context.push()
+        self._open = True
+        atexit.register(self.close)
 
     def close(self) -> None:
-        import pycuda.driver as cuda
-
+        if not self._open:
+            return
+        self._open = False
         try:
-            cuda.Context.pop()
-        except Exception:
-            pass
+            self._cuda.Context.pop()
+            self._context.detach()
+        except Exception as exc:  # at exit nothing can be done about it but say so
+            log.warning("releasing the CUDA context failed: %s", exc)
 
 
 @dataclass
@@ -61,7 +72,8 @@ class _Slot:
     host_out: np.ndarray
     device_in: Any
     device_out: Any
-    stream: Any
+    stream: Any        # this slot's copy stream
+    copied_in: Any     # event: the input is on the device
     computed: Any      # event: this slot's enqueue has finished on the GPU
     copied_out: Any    # event: this slot's output is on the host
     pending: slice | None = None  # which tiles of the current run its host_out holds
@@ -72,16 +84,18 @@ class TensorRTEngine:
     (the DeviceEngine protocol)."""
 
     def __init__(self, plan: bytes, *, name: str, input_name: str, output_name: str, max_batch: int,
-                 context: CudaContext) -> None:
+                 context: CudaContext, min_batch: int = 1) -> None:
         import pycuda.driver as cuda
         import tensorrt as trt
 
         from node.gpu.trt_build import make_logger
 
+        self._slots: list[_Slot] = []
         self.name = name
         self.input_name = input_name
         self.output_name = output_name
         self.max_batch = max_batch
+        self.min_batch = min_batch  # a plan built for a fixed batch runs smaller batches padded to it
         self._context = context
         self._logger = make_logger()
         with _cuda_step(f"deserialising {name}"):
@@ -104,7 +118,7 @@ class TensorRTEngine:
             _, _, max_shape = self._engine.get_tensor_profile_shape(input_name, 0)
             self.tile_shape = tuple(int(d) for d in max_shape[2:])  # type: ignore[assignment]
         with _cuda_step(f"setting {name}'s input shape"):
-            self._exec.set_input_shape(input_name, (max_batch, 1, *self.tile_shape))
+            self._set_shape(max_batch)
             out_shape = tuple(int(d) for d in self._exec.get_tensor_shape(output_name))
         self.channels = out_shape[1]
         self.output_shape: tuple[int, int, int] = out_shape[2:]  # type: ignore[assignment]
@@ -124,20 +138,29 @@ class TensorRTEngine:
                     device_in=cuda.mem_alloc(in_count * 4),
                     device_out=cuda.mem_alloc(out_count * 4),
                     stream=cuda.Stream(),
+                    copied_in=cuda.Event(),
                     computed=cuda.Event(),
                     copied_out=cuda.Event(),
                 )
                 for _ in range(2)
             ]
+            self._compute = cuda.Stream()
+
+    def _set_shape(self, batch: int) -> None:
+        if not self._exec.set_input_shape(self.input_name, (batch, 1, *self.tile_shape)):
+            raise InferenceError(f"{self.name}: TensorRT refused the input shape {(batch, 1, *self.tile_shape)}: "
+                                 f"{'; '.join(self._logger.errors) or 'outside the plan profile'}")
 
     # ----------------------------------------------------------------------------- DeviceEngine
     def enqueue(self, input_ptr: int, output_ptr: int, batch: int, stream: Any) -> None:
         if not 1 <= batch <= self.max_batch:
             raise InferenceError(f"{self.name}: batch {batch} is outside the plan's profile (1..{self.max_batch})")
+        batch = max(batch, self.min_batch)  # the tail tiles of the buffers (sized for max_batch) are ignored
         with _cuda_step(f"enqueueing {self.name} on a batch of {batch}"):
-            self._exec.set_input_shape(self.input_name, (batch, 1, *self.tile_shape))
-            self._exec.set_tensor_address(self.input_name, int(input_ptr))
-            self._exec.set_tensor_address(self.output_name, int(output_ptr))
+            self._set_shape(batch)
+            for tensor, ptr in ((self.input_name, input_ptr), (self.output_name, output_ptr)):
+                if not self._exec.set_tensor_address(tensor, int(ptr)):
+                    raise InferenceError(f"{self.name}: TensorRT refused the address of {tensor!r}")
             if not self._exec.execute_async_v3(stream.handle):
                 raise InferenceError(f"{self.name}: execute_async_v3 refused the batch: {'; '.join(self._logger.errors)}")
 
@@ -152,7 +175,9 @@ class TensorRTEngine:
         sample_in = int(np.prod(self.tile_shape))
         sample_out = self.channels * int(np.prod(self.output_shape))
         result = np.empty((n, self.channels, *self.output_shape), dtype=np.float32)
-        previous = None
+        for slot in self._slots:  # what an earlier run that failed half-way left behind
+            slot.stream.synchronize()
+            slot.pending = None
         with _cuda_step(f"running {self.name} on {n} tile(s)"):
             for i, start in enumerate(range(0, n, self.max_batch)):
                 batch = min(self.max_batch, n - start)
@@ -160,14 +185,14 @@ class TensorRTEngine:
                 self._collect(slot, result, sample_out)  # this slot's previous batch, if any
                 slot.host_in[: batch * sample_in] = np.ascontiguousarray(tiles[start : start + batch], np.float32).ravel()
                 cuda.memcpy_htod_async(slot.device_in, slot.host_in[: batch * sample_in], slot.stream)
-                if previous is not None:
-                    slot.stream.wait_for_event(previous.computed)  # one execution context: compute in order
-                self.enqueue(int(slot.device_in), int(slot.device_out), batch, slot.stream)
-                slot.computed.record(slot.stream)
+                slot.copied_in.record(slot.stream)
+                self._compute.wait_for_event(slot.copied_in)
+                self.enqueue(int(slot.device_in), int(slot.device_out), batch, self._compute)
+                slot.computed.record(self._compute)
+                slot.stream.wait_for_event(slot.computed)
                 cuda.memcpy_dtoh_async(slot.host_out[: batch * sample_out], slot.device_out, slot.stream)
                 slot.copied_out.record(slot.stream)
                 slot.pending = slice(start, start + batch)
-                previous = slot
             for slot in self._slots:
                 self._collect(slot, result, sample_out)
         return result

@@ -41,6 +41,20 @@ class EngineFactory:
             self._engines[bundle.id] = self._make(bundle)
         return self._engines[bundle.id]
 
+    def close(self) -> None:
+        """Release the engines and the GPU (a worker's last act)."""
+        for loaded in self._engines.values():
+            close = getattr(loaded.engine, "close", None)
+            if close is not None:
+                close()
+        self._engines.clear()
+        if self._gpu is not None:
+            from node.gpu.backend import GpuSession
+
+            assert isinstance(self._gpu, GpuSession)
+            self._gpu.close()
+            self._gpu = None
+
     def _gpu_session(self) -> object:
         if self._gpu is None and self._gpu_error is None:
             from node.gpu.backend import GpuSession

@@ -134,6 +134,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,  # type: ignore[n
             timings["total"],
             timings,
         )
+    factory.close()
     index.close()
 
 

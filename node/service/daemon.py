@@ -66,6 +66,7 @@ class Service:
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.exit_code = 0
+        self._stop_signal: int | None = None
         self._last_extend = 0.0
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = lock_state_dir(cfg.state_dir)
@@ -107,7 +108,7 @@ class Service:
             watchdog = watchdog_interval_s()
             last_ping = 0.0
             ready = False
-            while not self.stop_event.is_set():
+            while not self._stop_requested():
                 self.step()
                 if not ready:
                     ready = self._check_engines()
@@ -173,9 +174,16 @@ class Service:
             self.stop_event.wait(LOOP_INTERVAL_S)
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
-        if not self.stop_event.is_set():
-            log.info("stopping (signal %s)", signum)
-        self.stop_event.set()
+        """The SIGTERM/SIGINT handler: only records the request. Setting ``stop_event`` here could
+        deadlock — the handler runs in the main thread, which may hold the Event's (non-reentrant)
+        lock inside ``stop_event.wait`` at that moment; the main loop sets it within a turn."""
+        self._stop_signal = signum if signum is not None else 0
+
+    def _stop_requested(self) -> bool:
+        if self._stop_signal is not None and not self.stop_event.is_set():
+            log.info("stopping (signal %s)", self._stop_signal)
+            self.stop_event.set()
+        return self.stop_event.is_set()
 
     def shutdown(self, sender: threading.Thread) -> None:
         """Stop in dependency order; copes with stages that never started."""

@@ -46,7 +46,11 @@ def make_pycuda(log: list[str]) -> types.ModuleType:
             self.handle = Stream.count
 
         def wait_for_event(self, event: Any) -> None:
+            assert event.recorded, f"stream{self.handle} waits for {event.name}, which was never recorded"
             log.append(f"stream{self.handle} waits for {event.name}")
+
+        def synchronize(self) -> None:
+            log.append(f"stream{self.handle} synchronized")
 
     class Event:
         count = 0
@@ -74,6 +78,9 @@ def make_pycuda(log: list[str]) -> types.ModuleType:
     class _Context:
         def push(self) -> None:
             log.append("push")
+
+        def detach(self) -> None:
+            log.append("detach")
 
     class Device:
         def __init__(self, index: int) -> None:

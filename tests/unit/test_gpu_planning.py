@@ -189,3 +189,9 @@ def test_each_gpu_gets_its_own_plan(liver, body) -> None:  # type: ignore[no-unt
     keys = {plan_engine(b, GpuProfile.load(p), "11.4.0.106").key.digest
             for b in (body,) for p in PROFILES.glob("*.json")}
     assert len(keys) == len(list(PROFILES.glob("*.json")))
+
+
+def test_cuda_versions_read_as_operators_write_them() -> None:
+    from node.gpu.profile import _cuda_version_text
+
+    assert [_cuda_version_text(v) for v in (12040, 13000, 11080, 12020)] == ["12.4", "13.0", "11.8", "12.2"]

@@ -39,10 +39,30 @@ def test_run_returns_every_tile_in_order_through_alternating_slots(n: int) -> No
     np.testing.assert_array_equal(out, expected)
     executes = [line for line in log if line.startswith("execute")]
     assert [int(line.split()[2]) for line in executes] == [len(b) for b in batches]
-    streams = [line.split()[-1] for line in executes]
-    assert all(a != b for a, b in zip(streams, streams[1:]))  # slots alternate
+    assert len({line.split()[-1] for line in executes}) == 1  # every enqueue on the one compute stream
+    copies_in = [line.split()[-1] for line in log if line.startswith("htod")]
+    assert len(copies_in) == len(batches) and all(a != b for a, b in zip(copies_in, copies_in[1:]))  # slots alternate
+    assert executes[0].split()[-1] not in copies_in  # copies never on the compute stream
+    compute = executes[0].split()[-1]
     waits = [line for line in log if "waits for" in line]
-    assert len(waits) == len(batches) - 1  # each compute after the first waits for the one before
+    # per batch: compute waits for its input copy, the copy stream waits for the compute before copying out
+    assert sum(w.startswith(compute) for w in waits) == len(batches)
+    assert len(waits) == 2 * len(batches)
+
+
+def test_a_batch_smaller_than_a_fixed_batch_is_padded() -> None:
+    from node.gpu.trt_engine import CudaContext, TensorRTEngine
+
+    log: list[str] = []
+    with installed(make_tensorrt(network, TILE, 2, TILE, log), make_pycuda(log)):
+        engine = TensorRTEngine(b"PLAN", name="fake", input_name="image", output_name="probabilities", max_batch=4,
+                                min_batch=4, context=CudaContext(0))
+        tiles = np.random.default_rng(1).normal(size=(6, 1, *TILE)).astype(np.float32)
+        out = engine.run(tiles)
+    np.testing.assert_array_equal(out[:4], network(tiles[:4]))
+    np.testing.assert_array_equal(out[4:], network(tiles[4:]))  # the padded tiles' outputs are dropped
+    executes = [line for line in log if line.startswith("execute")]
+    assert len(executes) == 2 and all(line.startswith("execute batch 4 ") for line in executes)
 
 
 def test_the_engine_reports_its_shapes() -> None:
@@ -78,3 +98,16 @@ def test_close_frees_the_device_buffers() -> None:
         engine = make_engine(log)
         engine.close()
     assert log.count("free") == 4  # two slots, input and output each
+
+
+def test_the_cuda_context_is_released_once() -> None:
+    """pycuda aborts a process whose context stack is not empty at exit: close() pops and detaches,
+    once, whether called by the worker or at exit."""
+    from node.gpu.trt_engine import CudaContext
+
+    log: list[str] = []
+    with installed(make_tensorrt(network, TILE, 2, TILE, log), make_pycuda(log)):
+        context = CudaContext(0)
+        context.close()
+        context.close()
+    assert log == ["push", "pop", "detach"]
