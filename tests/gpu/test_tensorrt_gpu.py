@@ -17,25 +17,8 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _why_not() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as exc:
-        return f"TensorRT is not installed ({exc})"
-    try:
-        import pycuda.driver as cuda
-
-        cuda.init()
-        if cuda.Device.count() == 0:
-            return "the NVIDIA driver reports no GPU"
-    except Exception as exc:
-        return f"no usable GPU through pycuda: {exc}"
-    return None
-
-
-_REASON = _why_not()
-if _REASON is not None:
-    pytest.skip(_REASON, allow_module_level=True)
+# tests/gpu/conftest.py skips every test here without a GPU; these also need TensorRT.
+pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install '.[gpu]')")
 
 from node.gpu.backend import GpuSession, plan_engine  # noqa: E402
 from node.gpu.mixed_precision import precision_agreement  # noqa: E402
