@@ -7,6 +7,7 @@ restarts a worker that dies and returns its running job to the queue.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -32,6 +33,21 @@ log = logging.getLogger(__name__)
 
 #: A job that has crashed its worker this many times ends failed instead of being retried.
 MAX_JOB_ATTEMPTS = 3
+#: A worker that dies this many times in a row while loading its engines (a TensorRT build that
+#: crashes the process, a driver fault) is restarted without the GPU under engines.backend = "auto";
+#: under "cpu" or "tensorrt" the service stops with the reason.
+LOAD_CRASH_LIMIT = 2
+
+
+def restart_config(cfg: NodeConfig, load_crashes: int, last_exit: int | None) -> tuple[NodeConfig, str | None]:
+    """The configuration a restarted worker gets, and the fatal reason when there is no way on."""
+    if load_crashes < LOAD_CRASH_LIMIT:
+        return cfg, None
+    what = f"died {load_crashes} times while loading its engines (last exit code {last_exit})"
+    if cfg.engine_backend == "auto":
+        log.error("a worker %s; restarting it with ONNX Runtime on the CPU (engines.backend 'auto' → 'cpu')", what)
+        return dataclasses.replace(cfg, engine_backend="cpu"), None
+    return cfg, f"a worker {what} under engines.backend = {cfg.engine_backend!r}"
 
 
 @dataclass(frozen=True)
@@ -150,13 +166,18 @@ class WorkerPool:
         self.reports: dict[str, EngineReport] = {}  # per worker name, the latest report
         self._procs: dict[str, BaseProcess] = {}
         self._lock = threading.Lock()
+        self._load_crashes: dict[str, int] = {}
+        self._worker_cfg: dict[str, NodeConfig] = {}
+        self.fatal: str | None = None  # set when workers cannot load their engines at all
 
     def start(self) -> None:
         for n in range(self.cfg.workers):
             self._spawn(f"worker-{n}")
 
     def _spawn(self, name: str) -> None:
-        spec = WorkerSpec(cfg=self.cfg, name=f"{name}-{os.getpid()}", log_level=logging.getLogger().level)
+        self.reports.pop(name, None)  # this incarnation has not loaded its engines yet
+        cfg = self._worker_cfg.get(name, self.cfg)
+        spec = WorkerSpec(cfg=cfg, name=f"{name}-{os.getpid()}", log_level=logging.getLogger().level)
         proc = self._ctx.Process(target=_worker_main, args=(spec, self._stop, self._reports), name=name, daemon=False)
         proc.start()
         self._procs[name] = proc
@@ -165,10 +186,21 @@ class WorkerPool:
         """Restart dead workers; their running jobs go back to the queue (or fail after retries)."""
         if self._stop.is_set():
             return
+        self.collect_reports()
         with self._lock:
             for name, proc in list(self._procs.items()):
                 if proc.is_alive():
                     continue
+                if name in self.reports:
+                    self._load_crashes[name] = 0
+                else:  # died before it had loaded its engines
+                    self._load_crashes[name] = self._load_crashes.get(name, 0) + 1
+                    cfg, fatal = restart_config(self._worker_cfg.get(name, self.cfg), self._load_crashes[name],
+                                                proc.exitcode)
+                    self._worker_cfg[name] = cfg
+                    if fatal is not None:
+                        self.fatal = fatal
+                        return
                 reason = f"worker {name} died (exit code {proc.exitcode}) while running this job"
                 requeued = self.index.requeue_running(
                     worker=f"{name}-{os.getpid()}", max_attempts=MAX_JOB_ATTEMPTS, reason=reason

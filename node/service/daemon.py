@@ -110,6 +110,11 @@ class Service:
             ready = False
             while not self._stop_requested():
                 self.step()
+                if self.workers.fatal is not None:
+                    log.error("stopping: %s", self.workers.fatal)
+                    self.exit_code = 1
+                    self.stop_event.set()
+                    break
                 if not ready:
                     ready = self._check_engines()
                 if ready and watchdog is not None and time.monotonic() - last_ping >= watchdog:

@@ -85,3 +85,18 @@ def test_the_worker_report_names_each_engine_or_its_failure() -> None:
     assert list(strict.failed) == ["body-threshold@0.1.0"] and "engines.backend is 'tensorrt'" in strict.failed[
         "body-threshold@0.1.0"]
     assert list(strict.engines) == ["body-lungs@1.0.0"]
+
+
+def test_workers_that_crash_while_loading_go_on_without_the_gpu_or_stop_the_service() -> None:
+    """A TensorRT build or driver fault that kills the worker process: after LOAD_CRASH_LIMIT deaths in a
+    row, "auto" restarts it on ONNX Runtime; "cpu" and "tensorrt" have nowhere to go and stop."""
+    from node.jobs.worker import LOAD_CRASH_LIMIT, restart_config
+
+    auto = NodeConfig(engine_backend="auto")
+    assert restart_config(auto, LOAD_CRASH_LIMIT - 1, -11) == (auto, None)
+    cfg, fatal = restart_config(auto, LOAD_CRASH_LIMIT, -11)
+    assert cfg.engine_backend == "cpu" and fatal is None
+    for backend in ("cpu", "tensorrt"):
+        cfg, fatal = restart_config(NodeConfig(engine_backend=backend), LOAD_CRASH_LIMIT, -11)
+        assert fatal is not None and f"died {LOAD_CRASH_LIMIT} times while loading its engines (last exit code -11)" in fatal
+        assert repr(backend) in fatal
