@@ -18,7 +18,7 @@ from node.infer.bundle import Bundle
 from node.infer.engine import BackendStatus
 from node.infer.onnxrt import status as onnxruntime_status
 from node.infer.transforms import model_grid_shape
-from node.infer.window import tile_starts
+from node.infer.window import tile_grid
 
 #: The volume "per volume" figures refer to: a 300-slice abdominal CT, 512 x 512, 1.0 x 0.8 x 0.8 mm.
 REFERENCE_SHAPE = (300, 512, 512)
@@ -33,11 +33,7 @@ def tiles_per_reference_volume(bundle: Bundle) -> int:
         return 1
     spacing = bundle.preprocess.spacing_mm or REFERENCE_SPACING
     grid = model_grid_shape(REFERENCE_SHAPE, REFERENCE_SPACING, spacing)
-    count = 1
-    for n, p in zip(grid, bundle.window.patch):
-        step = max(1, int(round(p * (1 - bundle.window.overlap))))
-        count *= len(tile_starts(max(n, p), p, step))
-    return count
+    return len(tile_grid(grid, bundle.window.patch, bundle.window.overlap))
 
 
 def describe_gpu(gpu: GpuProfile) -> str:

@@ -22,7 +22,6 @@ CPU emulation of kernels.cu.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, Protocol, Sequence
 
@@ -34,7 +33,7 @@ from node.gpu.kernels import Kernels, Launcher, Normalisation, Shape, cuda_step
 from node.infer.block import image_probabilities
 from node.infer.bundle import Preprocess, Window
 from node.infer.transforms import model_grid_shape
-from node.infer.window import gaussian_weights, tile_starts
+from node.infer.window import gaussian_weights, tile_grid
 
 FLOAT = 4  # bytes of a float32
 
@@ -62,10 +61,7 @@ class Device(Launcher, Protocol):
 def tile_corners(shape: Shape, patch: Shape, overlap: float) -> np.ndarray:
     """(n, 3) int32 tile corners, in window.sliding_window's order, for a (D, H, W) image (padded by
     sliding_window to at least ``patch``)."""
-    padded = [max(s, p) for s, p in zip(shape, patch)]
-    steps = [max(1, int(round(p * (1 - overlap)))) for p in patch]
-    starts = [tile_starts(s, p, st) for s, p, st in zip(padded, patch, steps)]
-    return np.array(list(itertools.product(*starts)), dtype=np.int32).reshape(-1, 3)
+    return np.array(tile_grid(shape, patch, overlap), dtype=np.int32).reshape(-1, 3)
 
 
 class ResidentPipeline:

@@ -31,6 +31,15 @@ def tile_starts(size: int, patch: int, step: int) -> list[int]:
     return starts
 
 
+def tile_grid(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float) -> list[tuple[int, int, int]]:
+    """Corners of the tiles covering a (D, H, W) image (padded to at least ``patch``), in the order
+    :func:`sliding_window` runs them: the one tiling the CPU path, the GPU-resident pipeline and
+    ``engines doctor``'s tile counts share."""
+    steps = [max(1, int(round(p * (1 - overlap)))) for p in patch]
+    starts = [tile_starts(max(s, p), p, st) for s, p, st in zip(shape, patch, steps)]
+    return list(itertools.product(*starts))  # type: ignore[arg-type]
+
+
 def sliding_window(
     image: np.ndarray,
     engine: Engine,
@@ -47,9 +56,7 @@ def sliding_window(
         padded = np.full(padded_shape, pad_value, dtype=np.float32)
         padded[: shape[0], : shape[1], : shape[2]] = image
         image = padded
-    steps = [max(1, int(round(p * (1 - overlap)))) for p in patch]
-    starts = [tile_starts(s, p, st) for s, p, st in zip(image.shape, patch, steps)]
-    corners = list(itertools.product(*starts))
+    corners = tile_grid(image.shape, patch, overlap)
     weights = gaussian_weights(patch)
     acc: np.ndarray | None = None
     norm = np.zeros(image.shape, dtype=np.float32)
