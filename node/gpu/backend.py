@@ -84,9 +84,8 @@ def model_input(bundle: Bundle) -> ModelInput:
     dims = inputs[bundle.input_name].type.tensor_type.shape.dim
     batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     if bundle.window.mode == "single-block":
-        assert bundle.window.block is not None  # load_bundle requires a block in single-block mode
-        return ModelInput((1, 1, *bundle.window.block), 1)  # one block per series: a batch of 1
-    return ModelInput((1, 1, *bundle.window.patch), batch)
+        batch = 1  # one block per series
+    return ModelInput((1, 1, *bundle.window.network_input), batch)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,7 @@ def _time(fn: Any, repeats: int) -> float:
 
 
 def _inputs(bundle: Bundle, batch: int) -> np.ndarray:
-    spatial = bundle.window.block if bundle.window.mode == "single-block" else bundle.window.patch
-    assert spatial is not None
+    spatial = bundle.window.network_input
     rng = np.random.default_rng(0)
     return rng.normal(0.0, 0.5, size=(batch, 1, *spatial)).astype(np.float32)
 

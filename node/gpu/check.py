@@ -18,8 +18,7 @@ from node.infer.engine import Engine
 
 def check_input(bundle: Bundle, batch: int = 1) -> np.ndarray:
     """(batch, 1, *tile) float32: blobs and a gradient in the bundle's normalised range, plus noise."""
-    spatial = bundle.window.block if bundle.window.mode == "single-block" else bundle.window.patch
-    assert spatial is not None
+    spatial = bundle.window.network_input
     pre = bundle.preprocess
     lo, hi = sorted(((pre.clip[0] + pre.offset) * pre.scale, (pre.clip[1] + pre.offset) * pre.scale))
     rng = np.random.default_rng(20261124)

@@ -87,6 +87,14 @@ class Window:
     output_margin: int = 0  # the network's output is smaller than its input by this much per side
     pad_value: float | None = None  # value outside the image, after normalisation (None: the clip minimum's)
 
+    @property
+    def network_input(self) -> tuple[int, int, int]:
+        """The spatial shape of one network input: the block in single-block mode, else the patch."""
+        if self.mode == "single-block":
+            assert self.block is not None  # load_bundle requires a block in single-block mode
+            return self.block
+        return self.patch
+
 
 @dataclass(frozen=True)
 class Coverage:

@@ -44,7 +44,7 @@ def test_tensorrt_agrees_with_onnxruntime(session: GpuSession, tmp_path: Path, n
     bundle = load_bundle(REPO / "engines" / name)
     engine, plan, cached = session.engine(bundle, tmp_path)
     assert cached.built
-    spatial = bundle.window.block if bundle.window.mode == "single-block" else bundle.window.patch
+    spatial = bundle.window.network_input
     batch = min(3, plan.sizing.max_batch)
     rng = np.random.default_rng(7)
     # Inputs in the normalised range the pipeline feeds: smooth blobs plus noise.
