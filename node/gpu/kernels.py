@@ -180,12 +180,13 @@ class Kernels:
 # ------------------------------------------------------------------------------------------ pycuda
 @contextmanager
 def cuda_step(what: str) -> Iterator[None]:
-    """Turn a failure of the CUDA calls inside into an InferenceError that says what was being done."""
+    """Turn a failure of the CUDA (or TensorRT) calls inside into an InferenceError that says what was
+    being done."""
     try:
         yield
     except InferenceError:
         raise
-    except Exception as exc:  # pycuda.driver.Error and its subclasses, MemoryError of pinned memory
+    except Exception as exc:  # pycuda.driver.Error and subclasses, TensorRT's RuntimeError, MemoryError of pinned memory
         raise InferenceError(f"CUDA failed while {what}: {exc}") from exc
 
 

@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import atexit
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from node.errors import InferenceError
+from node.gpu.kernels import cuda_step
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _cuda_step(what: str) -> Iterator[None]:
-    try:
-        yield
-    except InferenceError:
-        raise
-    except Exception as exc:  # pycuda.driver.Error, TensorRT's RuntimeError
-        raise InferenceError(f"CUDA/TensorRT failed while {what}: {exc}") from exc
 
 
 class CudaContext:
@@ -47,7 +37,7 @@ class CudaContext:
         import pycuda.driver as cuda
 
         self._cuda = cuda
-        with _cuda_step(f"opening GPU {index}"):
+        with cuda_step(f"opening GPU {index}"):
             cuda.init()
             self.device = cuda.Device(index)
             self._context = self.device.retain_primary_context()
@@ -98,7 +88,7 @@ class TensorRTEngine:
         self.min_batch = min_batch  # a plan built for a fixed batch runs smaller batches padded to it
         self._context = context
         self._logger = make_logger()
-        with _cuda_step(f"deserialising {name}"):
+        with cuda_step(f"deserialising {name}"):
             self._runtime = trt.Runtime(self._logger)
             self._engine = self._runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
@@ -117,7 +107,7 @@ class TensorRTEngine:
             # Spatial dims dynamic: take them from the profile's max shape.
             _, _, max_shape = self._engine.get_tensor_profile_shape(input_name, 0)
             self.tile_shape = tuple(int(d) for d in max_shape[2:])  # type: ignore[assignment]
-        with _cuda_step(f"setting {name}'s input shape"):
+        with cuda_step(f"setting {name}'s input shape"):
             self._set_shape(max_batch)
             out_shape = tuple(int(d) for d in self._exec.get_tensor_shape(output_name))
         self.channels = out_shape[1]
@@ -130,7 +120,7 @@ class TensorRTEngine:
         self._resident_error: str | None = None
         in_count = max_batch * int(np.prod(self.tile_shape))
         out_count = max_batch * self.channels * int(np.prod(self.output_shape))
-        with _cuda_step(f"allocating {name}'s buffers ({(in_count + out_count) * 8 / 2**20:,.0f} MiB)"):
+        with cuda_step(f"allocating {name}'s buffers ({(in_count + out_count) * 8 / 2**20:,.0f} MiB)"):
             self._slots = [
                 _Slot(
                     host_in=cuda.pagelocked_empty(in_count, np.float32),
@@ -156,7 +146,7 @@ class TensorRTEngine:
         if not 1 <= batch <= self.max_batch:
             raise InferenceError(f"{self.name}: batch {batch} is outside the plan's profile (1..{self.max_batch})")
         batch = max(batch, self.min_batch)  # the tail tiles of the buffers (sized for max_batch) are ignored
-        with _cuda_step(f"enqueueing {self.name} on a batch of {batch}"):
+        with cuda_step(f"enqueueing {self.name} on a batch of {batch}"):
             self._set_shape(batch)
             for tensor, ptr in ((self.input_name, input_ptr), (self.output_name, output_ptr)):
                 if not self._exec.set_tensor_address(tensor, int(ptr)):
@@ -178,7 +168,7 @@ class TensorRTEngine:
         for slot in self._slots:  # what an earlier run that failed half-way left behind
             slot.stream.synchronize()
             slot.pending = None
-        with _cuda_step(f"running {self.name} on {n} tile(s)"):
+        with cuda_step(f"running {self.name} on {n} tile(s)"):
             for i, start in enumerate(range(0, n, self.max_batch)):
                 batch = min(self.max_batch, n - start)
                 slot = self._slots[i % 2]
