@@ -35,15 +35,17 @@ def check_input(bundle: Bundle, batch: int = 1) -> np.ndarray:
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> tuple[float, float]:
-    """(largest |difference|, Dice of the masks > threshold; 1.0 when both are empty)."""
+    """(largest |difference|, Dice of the masks > threshold; 1.0 when both are empty), as
+    :func:`node.gpu.mixed_precision.precision_agreement` measures them; a non-finite value in
+    ``candidate`` is the worst disagreement there is."""
+    from node.gpu.mixed_precision import precision_agreement
+
     if reference.shape != candidate.shape:
         raise InferenceError(f"outputs of shapes {reference.shape} and {candidate.shape} cannot be compared")
-    if not np.isfinite(candidate).all():
+    measured = precision_agreement(reference, candidate, threshold)
+    if measured["nonfinite"]:
         return float("inf"), 0.0
-    a, b = reference > threshold, candidate > threshold
-    total = int(a.sum()) + int(b.sum())
-    dice = 2.0 * int((a & b).sum()) / total if total else 1.0
-    return float(np.max(np.abs(reference - candidate))), dice
+    return measured["max_abs_diff"], measured["dice"]
 
 
 def verify_against_reference(bundle: Bundle, plan_engine: Engine, reference: Engine, label: str) -> str:
