@@ -1,6 +1,6 @@
 """The GPU backend: whether it can run here, and a TensorRT engine for a bundle (built or cached).
 
-``gpu_engine`` is the one entry point the worker uses: it reads the GPU's profile, decides the
+``GpuSession.engine`` is the one entry point the worker uses (through node.jobs.engines): it reads the GPU's profile, decides the
 precision and the tile batch (:mod:`node.gpu.plan`), converts the ONNX model to that precision
 (:mod:`node.gpu.mixed_precision`), gets the plan from the cache or builds it
 (:mod:`node.gpu.plan_cache`, :mod:`node.gpu.trt_build`) and deserialises it
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.errors import InferenceError
 from node.gpu.plan import BuildSizing, Precision, PrecisionChoice, choose_precision, size_batches
@@ -21,6 +22,9 @@ from node.gpu.profile import GpuProfile, read_profile
 from node.infer.bundle import Bundle
 from node.infer.engine import BackendStatus
 from node.infer.model_cost import ModelCost, model_cost
+
+if TYPE_CHECKING:
+    from node.gpu.trt_engine import TensorRTEngine
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +184,7 @@ class GpuSession:
         """Release the CUDA context (engines made in this session must not be used afterwards)."""
         self.context.close()
 
-    def engine(self, bundle: Bundle, state_dir: Path) -> tuple[object, EnginePlan, CachedPlan]:
+    def engine(self, bundle: Bundle, state_dir: Path) -> tuple[TensorRTEngine, EnginePlan, CachedPlan]:
         """A deserialised TensorRTEngine for ``bundle`` (built first when the cache has no plan)."""
         from node.gpu.trt_engine import TensorRTEngine
 
@@ -198,8 +202,7 @@ class GpuSession:
             reference = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name,
                                           output_name=bundle.output_name)
             try:
-                summary = verify_against_reference(bundle, engine, reference,  # type: ignore[arg-type]
-                                                   plan.precision.precision.value.upper())
+                summary = verify_against_reference(bundle, engine, reference, plan.precision.precision.value.upper())
             except InferenceError:
                 engine.close()
                 cache.discard(plan.key)  # never reused; the next start builds and checks again

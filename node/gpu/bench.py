@@ -73,8 +73,7 @@ def bench_tensorrt(bundle: Bundle, state_dir: Path, repeats: int, gpu_index: int
     session = GpuSession(gpu_index)  # first: says what is missing when TensorRT, pycuda or a GPU is
 
     import pycuda.driver as cuda
-    engine_obj, plan, _ = session.engine(bundle, state_dir)
-    engine: Any = engine_obj
+    engine, plan, _ = session.engine(bundle, state_dir)
     batch = plan.sizing.opt_batch if bundle.window.mode != "single-block" else 1
     tiles = _inputs(bundle, batch)
     est = roofline(plan.gpu, plan.cost, plan.precision.precision)

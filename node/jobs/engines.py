@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from node.config import NodeConfig
 from node.errors import InferenceError
 from node.infer.bundle import Bundle
 from node.infer.engine import Engine
 from node.infer.onnxrt import OnnxRuntimeEngine
+
+if TYPE_CHECKING:
+    from node.gpu.backend import GpuSession
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ class EngineFactory:
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
-        self._gpu: object | None = None
+        self._gpu: GpuSession | None = None
         self._gpu_error: str | None = None
         self._logged: set[str] = set()
         self._engines: dict[str, LoadedEngine] = {}
@@ -49,13 +53,10 @@ class EngineFactory:
                 close()
         self._engines.clear()
         if self._gpu is not None:
-            from node.gpu.backend import GpuSession
-
-            assert isinstance(self._gpu, GpuSession)
             self._gpu.close()
             self._gpu = None
 
-    def _gpu_session(self) -> object:
+    def _gpu_session(self) -> GpuSession:
         if self._gpu is None and self._gpu_error is None:
             from node.gpu.backend import GpuSession
 
@@ -72,22 +73,18 @@ class EngineFactory:
             return LoadedEngine(None, "built-in algorithm (CPU)")
         if self.cfg.engine_backend in ("auto", "tensorrt"):
             try:
-                from node.gpu.backend import GpuSession
-
-                session = self._gpu_session()
-                assert isinstance(session, GpuSession)
-                engine, plan, cached = session.engine(bundle, self.cfg.state_dir)
+                gpu_engine, plan, cached = self._gpu_session().engine(bundle, self.cfg.state_dir)
                 origin = f"built in {cached.build_seconds:.0f} s" if cached.built else "from the plan cache"
-                return LoadedEngine(engine,  # type: ignore[arg-type]
+                return LoadedEngine(gpu_engine,
                                     f"TensorRT {plan.precision.precision.value.upper()} on {plan.gpu.name}, "
                                     f"batch ≤ {plan.sizing.max_batch}, plan {origin}")
             except InferenceError as exc:
                 if self.cfg.engine_backend == "tensorrt":
                     raise InferenceError(f"bundle {bundle.name}: engines.backend is 'tensorrt' but {exc}") from exc
                 self._note_fallback(str(exc))
-        engine = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name,
-                                   threads=self.cfg.engine_threads)
-        return LoadedEngine(engine, "ONNX Runtime on the CPU")
+        cpu_engine = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name,
+                                       threads=self.cfg.engine_threads)
+        return LoadedEngine(cpu_engine, "ONNX Runtime on the CPU")
 
     def _note_fallback(self, reason: str) -> None:
         if reason in self._logged:

@@ -111,9 +111,7 @@ class Service:
             while not self._stop_requested():
                 self.step()
                 if self.workers.fatal is not None:
-                    log.error("stopping: %s", self.workers.fatal)
-                    self.exit_code = 1
-                    self.stop_event.set()
+                    self._stop_with_error(self.workers.fatal)
                     break
                 if not ready:
                     ready = self._check_engines()
@@ -123,6 +121,12 @@ class Service:
                 self.stop_event.wait(LOOP_INTERVAL_S)
         finally:
             self.shutdown(sender)
+
+    def _stop_with_error(self, reason: str) -> None:
+        """Stop the service and exit 1 (systemd's Restart=on-failure and its log say why)."""
+        log.error("stopping: %s", reason)
+        self.exit_code = 1
+        self.stop_event.set()
 
     def _check_engines(self) -> bool:
         """True once every worker reported its engines (then READY=1 is sent, once); stops the service
@@ -140,9 +144,8 @@ class Service:
         if failed and self.cfg.engine_backend == "tensorrt":
             for bundle, why in failed.items():
                 log.error("%s: %s", bundle, why)
-            log.error("stopping: engines.backend is 'tensorrt' and %d engine(s) could not be loaded on the GPU", len(failed))
-            self.exit_code = 1
-            self.stop_event.set()
+            self._stop_with_error(f"engines.backend is 'tensorrt' and {len(failed)} engine(s) could not be loaded "
+                                  "on the GPU")
             return True
         for bundle, why in failed.items():
             log.error("bundle %s has no engine; its jobs will fail: %s", bundle, why)
