@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.assemble.volume import Geometry
+from node.model.volume import Geometry
 from tests.harness.synthetic_ct import HU_LUNG, body_mask_lps, phantom_hu
 
 

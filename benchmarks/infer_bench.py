@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node.assemble.volume import Geometry, Volume  # noqa: E402
+from node.model.volume import Geometry, Volume  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 SHAPE = (300, 512, 512)
@@ -78,7 +78,7 @@ def child(volume_path: Path, bundle_names: list[str], threads: int) -> None:
     """One worker's run: print a JSON line of per-bundle seconds, the outcome and the peak RSS."""
     from node.config import NodeConfig
     from node.errors import Declined
-    from node.infer.bundle import discover_bundles
+    from node.infer.manifest import discover_bundles
     from node.infer.segment import segment_volume
     from node.jobs.engines import make_engine
 

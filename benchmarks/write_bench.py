@@ -37,8 +37,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.assemble.volume import Volume, build_volume, read_series
-from node.infer.bundle import Bundle, Code, Label, discover_bundles
+from node.assemble.volume import build_volume, read_series
+from node.model.volume import Volume
+from node.infer.manifest import discover_bundles
+from node.model.bundle import Bundle, Code, Label
 from node.write.contours import Contours
 from node.write.files import save_dataset, write_results
 from node.write.provenance import Provenance

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from node.spool.index import Index
-
     from node.spool.retention import RetentionFigures
 
 log = logging.getLogger("node")
@@ -118,9 +117,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from node.assemble.select import SeriesFacts, select_bundles
-    from node.infer.bundle import Bundle, discover_bundles
+    from node.infer.manifest import discover_bundles
     from node.jobs.engines import EngineFactory
     from node.jobs.pipeline import run_job
+    from node.model.bundle import Bundle
     from node.write.provenance import Provenance
 
     cfg = _load(args)
@@ -295,7 +295,7 @@ def _retention_table(kept: RetentionFigures) -> Table:
 # --------------------------------------------------------------------------------------- replay
 def cmd_replay(args: argparse.Namespace) -> int:
     """Queue a finished series' results for sending again: the same files, so the same SOP Instance UIDs."""
-    from node.domain import JobState, SeriesState
+    from node.model.records import JobState, SeriesState
 
     cfg = _load(args)
     index = _open_index(cfg)

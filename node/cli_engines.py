@@ -15,7 +15,8 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.errors import InferenceError
-from node.infer.bundle import Bundle, discover_bundles
+from node.infer.manifest import discover_bundles
+from node.model.bundle import Bundle
 
 
 def _bundles(cfg: NodeConfig, args: argparse.Namespace) -> list[Bundle]:
@@ -27,7 +28,12 @@ def cmd_doctor(cfg: NodeConfig, args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from node.gpu.doctor import REFERENCE_SHAPE, REFERENCE_SPACING, describe_gpu, doctor
+    from node.infer.gpu.doctor import (
+        REFERENCE_SHAPE,
+        REFERENCE_SPACING,
+        describe_gpu,
+        doctor,
+    )
 
     report = doctor(_bundles(cfg, args), backend=cfg.engine_backend, state_dir=cfg.state_dir,
                     profile_path=Path(args.profile) if args.profile else None, gpu_index=cfg.gpu_index)
@@ -64,7 +70,12 @@ def cmd_build(cfg: NodeConfig, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from node.gpu.backend import GpuSession, ensure_plan, plan_cache_for, plan_engine
+    from node.infer.gpu.backend import (
+        GpuSession,
+        ensure_plan,
+        plan_cache_for,
+        plan_engine,
+    )
 
     try:
         session = GpuSession(cfg.gpu_index)
@@ -93,11 +104,10 @@ def cmd_build(cfg: NodeConfig, args: argparse.Namespace) -> int:
 
 def cmd_bench(cfg: NodeConfig, args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from rich.markup import escape
-
-    from node.gpu.bench import bench
+    from node.infer.gpu.bench import bench
 
     rows, notes = bench(_bundles(cfg, args), state_dir=cfg.state_dir, repeats=args.repeats, gpu_index=cfg.gpu_index,
                         threads=cfg.engine_threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.infer.bundle import Bundle
+from node.model.bundle import Bundle
 
 #: Image storage SOP classes that carry single-frame cross-sectional images a volume can be built from.
 VOLUME_SOP_CLASSES = {

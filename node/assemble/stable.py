@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 from node.assemble.select import SeriesFacts, select_bundles
-from node.domain import SeriesState
-from node.infer.bundle import Bundle
+from node.model.bundle import Bundle
+from node.model.records import SeriesState
 from node.spool.index import Index
 
 log = logging.getLogger(__name__)

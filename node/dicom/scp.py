@@ -40,8 +40,8 @@ from node.dicom.framing import FramingError, RawElement, scan
 from node.dicom.guard import PeerGuard
 from node.dicom.net import set_tcp_nodelay
 from node.dicom.status import Status
-from node.domain import InstanceMeta
 from node.errors import ListenError
+from node.model.records import InstanceMeta
 from node.spool.index import Index
 from node.spool.store import Spool
 

@@ -55,8 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from node.assemble.volume import Geometry
 from node.errors import InferenceError
+from node.model.volume import Geometry
 
 #: Output label values.
 BACKGROUND, BODY, LEFT_LUNG, RIGHT_LUNG = 0, 1, 2, 3

@@ -15,16 +15,22 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from node.assemble.volume import Volume
 from node.errors import BundleError, InferenceError
-from node.infer.bundle import Bundle
 from node.infer.coverage import check_body_width
 from node.infer.crop import abdomen_box
 from node.infer.engine import Engine, device_pipeline
 from node.infer.median import median3
 from node.infer.memory import release_free_memory
 from node.infer.orient import Reorientation, reorientation
-from node.infer.transforms import largest_component, mask_to_grid, normalise, resample_centred
+from node.infer.transforms import (
+    largest_component,
+    mask_to_grid,
+    normalise,
+    resample_centred,
+)
+from node.model.bundle import Bundle
+from node.model.enums import Activation, Crop
+from node.model.volume import Volume
 
 _IDENTITY = Reorientation(permutation=(0, 1, 2), flips=(False, False, False), obliquity_deg=0.0)
 
@@ -96,7 +102,7 @@ def _channels_on_host(image: np.ndarray, bundle: Bundle, engine: Engine) -> list
         raise InferenceError(f"{engine.name} returned shape {output.shape}; expected (1, K, D, H, W)")
     probabilities = image_probabilities(output[0], image.shape, win.block, win.output_margin)  # type: ignore[arg-type]
     del output, image
-    if bundle.activation == "sigmoid":
+    if bundle.activation is Activation.SIGMOID:
         return [(label.value, probabilities[i] > post.threshold) for i, label in enumerate(bundle.labels)]
     best = np.argmax(probabilities, axis=0)
     return [(label.value, best == label.value) for label in bundle.labels]
@@ -112,7 +118,7 @@ def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.n
     spacing = turn.spacing(volume.geometry.spacing)
 
     box: tuple[slice, ...] = (slice(None),) * 3
-    if pre.crop == "abdomen":
+    if pre.crop is Crop.ABDOMEN:
         if pre.crop_max_mm is None:
             raise BundleError(f"bundle {bundle.name}: crop 'abdomen' needs [preprocess] crop_max_mm")
         found = abdomen_box(hu, spacing, pre.crop_max_mm)

@@ -6,10 +6,10 @@ anatomical check (body width) is made by the crop, which is where the body is fi
 
 from __future__ import annotations
 
-from node.assemble.volume import Geometry
 from node.errors import Declined
-from node.infer.bundle import Bundle
 from node.infer.orient import normal_angle_to
+from node.model.bundle import Bundle
+from node.model.volume import Geometry
 
 
 def check_coverage(bundle: Bundle, geometry: Geometry) -> None:

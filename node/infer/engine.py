@@ -29,7 +29,7 @@ class BackendStatus:
 
 
 def device_pipeline(engine: Engine | None) -> Any:
-    """The engine's GPU-resident pre/post-processing (node.gpu.resident.ResidentPipeline) when it has
+    """The engine's GPU-resident pre/post-processing (node.infer.gpu.resident.ResidentPipeline) when it has
     one that works here, else None (ONNX Runtime engines have none)."""
     make = getattr(engine, "resident_pipeline", None)
     return make() if make is not None else None

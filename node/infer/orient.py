@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.assemble.volume import Geometry
+from node.model.volume import Geometry
 
 #: Unit vector in DICOM patient coordinates (LPS: +x left, +y posterior, +z superior) of each direction.
 DIRECTIONS = {

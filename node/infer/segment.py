@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from node.assemble.volume import Volume
 from node.errors import BundleError
-from node.infer.bundle import Bundle
 from node.infer.coverage import check_coverage
 from node.infer.engine import Engine, device_pipeline
 from node.infer.memory import release_free_memory
 from node.infer.transforms import labels_on_native_grid, postprocess, to_model_grid
 from node.infer.window import sliding_window
+from node.model.bundle import Bundle
+from node.model.enums import ModelKind, WindowMode
+from node.model.volume import Volume
 
 
 def _sliding(volume: Volume, bundle: Bundle, engine: Engine) -> np.ndarray:
@@ -55,11 +56,11 @@ def segment_volume(volume: Volume, bundle: Bundle, engine: Engine | None) -> np.
     """
     check_coverage(bundle, volume.geometry)
     release_free_memory()  # what an earlier job left in the heap
-    if bundle.model_kind == "builtin":
+    if bundle.model_kind is ModelKind.BUILTIN:
         labels = _builtin(volume, bundle)
     elif engine is None:
         raise BundleError(f"bundle {bundle.name} needs an inference engine and none was given")
-    elif bundle.window.mode == "single-block":
+    elif bundle.window.mode is WindowMode.SINGLE_BLOCK:
         from node.infer.block import segment_single_block
 
         labels = segment_single_block(volume, bundle, engine)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from node.infer.bundle import Postprocess, Preprocess
+from node.model.bundle import Postprocess, Preprocess
 
 
 def model_grid_shape(shape: tuple[int, int, int], spacing: tuple[float, float, float],

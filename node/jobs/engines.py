@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from node.config import NodeConfig
 from node.errors import InferenceError
-from node.infer.bundle import Bundle
+from node.infer.backends.onnxrt import OnnxRuntimeEngine
 from node.infer.engine import Engine
-from node.infer.onnxrt import OnnxRuntimeEngine
+from node.model.bundle import Bundle
 
 if TYPE_CHECKING:
-    from node.gpu.backend import GpuSession
+    from node.infer.gpu.backend import GpuSession
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class EngineFactory:
 
     def _gpu_session(self) -> GpuSession:
         if self._gpu is None and self._gpu_error is None:
-            from node.gpu.backend import GpuSession
+            from node.infer.gpu.backend import GpuSession
 
             try:
                 self._gpu = GpuSession(self.cfg.gpu_index)

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.assemble.select import SeriesFacts, why_not
-from node.assemble.volume import Volume, build_volume, read_series
+from node.assemble.volume import build_volume, read_series
 from node.errors import Declined, VolumeError
-from node.infer.bundle import Bundle
 from node.infer.engine import Engine
 from node.infer.segment import segment_volume
+from node.model.bundle import Bundle
+from node.model.volume import Volume
 from node.write.files import WrittenObject, write_preview, write_results
 from node.write.provenance import Provenance
 from node.write.result import Result, present_labels

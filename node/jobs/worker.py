@@ -21,11 +21,12 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from node.config import NodeConfig
-from node.domain import JobState
 from node.errors import Declined, NodeError
-from node.infer.bundle import Bundle, discover_bundles
+from node.infer.manifest import discover_bundles
 from node.jobs.engines import EngineFactory
 from node.jobs.pipeline import run_job
+from node.model.bundle import Bundle
+from node.model.records import JobState
 from node.spool.index import Index
 from node.write.provenance import Provenance
 

@@ -24,8 +24,8 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from skimage.draw import polygon as fill_polygon
 
-from node.assemble.volume import Geometry, Volume
 from node.errors import Permanent
+from node.model.volume import Geometry, Volume
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 #: Geometric types filled by :func:`rasterise` (CLOSEDPLANAR_XOR states the even-odd rule explicitly).

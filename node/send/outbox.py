@@ -14,8 +14,8 @@ from collections import defaultdict
 
 from node.config import Destination, NodeConfig
 from node.dicom.scu import store_files
-from node.domain import OutboxItem
 from node.errors import SendError
+from node.model.records import OutboxItem
 from node.spool.index import Index
 
 log = logging.getLogger(__name__)

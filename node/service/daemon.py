@@ -23,7 +23,7 @@ from node.assemble.stable import Assembler
 from node.config import NodeConfig
 from node.dicom.scp import Receiver
 from node.errors import ConfigError
-from node.infer.bundle import discover_bundles
+from node.infer.manifest import discover_bundles
 from node.jobs.worker import WorkerPool, requeue_after_crash
 from node.send.outbox import Sender
 from node.service.sdnotify import notify, watchdog_interval_s

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.domain import (
+from node.model.records import (
     InstanceMeta,
     JobRecord,
     JobState,

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.domain import InstanceMeta
+from node.model.records import InstanceMeta
 from node.spool.index import Index
 from node.spool.store import Spool
 

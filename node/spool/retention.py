@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import NodeConfig
-from node.domain import SeriesState
+from node.model.records import SeriesState
 from node.spool.index import Index, SeriesUsage
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, depth_first_order
 
-from node.assemble.volume import Geometry
+from node.model.volume import Geometry
 
 #: Contours enclosing less than this many pixels are dropped as degenerate.
 MIN_AREA_PX = 0.5

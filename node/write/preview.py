@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from scipy import ndimage
 
-from node.assemble.volume import Volume
-from node.infer.bundle import Label
+from node.model.bundle import Label
+from node.model.volume import Volume
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.result import label_mask
 

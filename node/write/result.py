@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.assemble.volume import Volume
 from node.errors import WriteError
-from node.infer.bundle import Bundle, Label
+from node.model.bundle import Bundle, Label
+from node.model.volume import Volume
 from node.write.provenance import Provenance
 from node.write.uids import ResultUids
 

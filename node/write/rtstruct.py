@@ -20,9 +20,9 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from node.assemble.volume import Volume
 from node.errors import WriteError
-from node.infer.bundle import Bundle, Label
+from node.model.bundle import Bundle, Label
+from node.model.volume import Volume
 from node.write.contours import Contours, trace_label
 from node.write.decimal_text import fixed3_groups
 from node.write.encoding import Encoder, raw_sequence

@@ -36,7 +36,7 @@ from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.valuerep import DS, format_number_as_ds
 
 from node.errors import WriteError
-from node.infer.bundle import Code
+from node.model.bundle import Code
 from node.write.encoding import Encoder, pydicom_bytes, raw_sequence
 from node.write.provenance import MANUFACTURER
 from node.write.result import Result

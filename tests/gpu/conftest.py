@@ -62,7 +62,7 @@ def nvcc_module(cuda_context: Any) -> Any:
         pytest.skip("nvcc is not on PATH: SourceModule cannot compile kernels.cu here (the PTX path is tested)")
     from pycuda.compiler import SourceModule
 
-    from node.gpu.kernels import KERNELS_CU
+    from node.infer.gpu.kernels import KERNELS_CU
 
     return SourceModule(KERNELS_CU.read_text(), no_extern_c=True)
 
@@ -72,7 +72,7 @@ def ptx_module(cuda_context: Any) -> Any:
     """The shipped kernels.ptx, JIT-compiled by the driver (the loader's fallback)."""
     import pycuda.driver as cuda
 
-    from node.gpu.kernels import KERNELS_PTX
+    from node.infer.gpu.kernels import KERNELS_PTX
 
     return cuda.module_from_buffer(KERNELS_PTX.read_bytes() + b"\0")
 
@@ -80,7 +80,7 @@ def ptx_module(cuda_context: Any) -> Any:
 @pytest.fixture(scope="session", params=["nvcc", "ptx"])
 def cuda_device(request: pytest.FixtureRequest) -> Any:
     """A CudaDevice on each way of loading the kernels."""
-    from node.gpu.kernels import CudaDevice
+    from node.infer.gpu.kernels import CudaDevice
 
     return CudaDevice(request.getfixturevalue(f"{request.param}_module"))
 
@@ -134,6 +134,6 @@ def memory(cuda_device: Any) -> Iterator[GpuMemory]:
 
 @pytest.fixture
 def kernels(cuda_device: Any) -> Any:
-    from node.gpu.kernels import Kernels
+    from node.infer.gpu.kernels import Kernels
 
     return Kernels(cuda_device)

@@ -1,4 +1,4 @@
-"""Each kernel of node/gpu/kernels.cu on a real GPU, loaded both ways the node loads it (SourceModule
+"""Each kernel of node/infer/gpu/kernels.cu on a real GPU, loaded both ways the node loads it (SourceModule
 from kernels.cu when nvcc is installed, the shipped kernels.ptx otherwise), against the numpy function
 it mirrors: the same checks the CPU emulation passes bitwise (tests/harness/cuda_cpu/checks.py).
 
@@ -95,8 +95,8 @@ def test_results_are_bitwise_numpy(kernels: Any, memory: Any) -> None:
 
 def test_large_grid_launch(kernels: Any, memory: Any) -> None:
     """A launch of many blocks (a volume of 2²⁴ + 3 voxels) covers every element."""
-    from node.gpu.kernels import Normalisation
-    from node.infer.bundle import Preprocess
+    from node.infer.gpu.kernels import Normalisation
+    from node.model.bundle import Preprocess
 
     values = np.random.default_rng(0).normal(0, 300, (1 << 24) + 3).astype(np.float32)
     pre = Preprocess(spacing_mm=None, clip=(-100.0, 100.0), scale=0.5, offset=1.0)
@@ -108,14 +108,14 @@ def test_large_grid_launch(kernels: Any, memory: Any) -> None:
 
 def test_loader_picks_a_working_module(cuda_context: Any) -> None:
     """load_module (nvcc if on PATH, else the PTX) gives a module with every kernel."""
-    from node.gpu.kernels import SIGNATURES, CudaDevice, load_module
+    from node.infer.gpu.kernels import SIGNATURES, CudaDevice, load_module
 
     device = CudaDevice(load_module())
     assert set(device._functions) == set(SIGNATURES)
 
 
 def test_a_broken_ptx_is_a_clear_error(cuda_context: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import node.gpu.kernels as module
+    import node.infer.gpu.kernels as module
 
     bad = tmp_path / "kernels.ptx"
     bad.write_text(".version 99.9\n.target sm_75\nnot ptx\n")

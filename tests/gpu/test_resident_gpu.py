@@ -1,4 +1,4 @@
-"""The GPU-resident pipeline (node.gpu.resident) on a real GPU against the CPU path: segment._sliding
+"""The GPU-resident pipeline (node.infer.gpu.resident) on a real GPU against the CPU path: segment._sliding
 and block.py's single-block steps, with the same network as a numpy Engine there and as a DeviceEngine
 here: a CUDA kernel (compiled by pycuda, needs nvcc) or, without nvcc, numpy behind a device→host→device
 round trip on the pipeline's stream. The network (tests/harness/cuda_cpu/engines.py) uses only float32

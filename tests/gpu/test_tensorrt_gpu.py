@@ -20,11 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 # tests/gpu/conftest.py skips every test here without a GPU; these also need TensorRT.
 pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install '.[gpu]')")
 
-from node.gpu.backend import GpuSession, plan_engine  # noqa: E402
-from node.gpu.mixed_precision import precision_agreement  # noqa: E402
-from node.gpu.profile import read_profile  # noqa: E402
-from node.infer.bundle import load_bundle  # noqa: E402
-from node.infer.onnxrt import OnnxRuntimeEngine  # noqa: E402
+from node.infer.gpu.backend import GpuSession, plan_engine  # noqa: E402
+from node.infer.gpu.mixed_precision import precision_agreement  # noqa: E402
+from node.infer.gpu.profile import read_profile  # noqa: E402
+from node.infer.manifest import load_bundle  # noqa: E402
+from node.infer.backends.onnxrt import OnnxRuntimeEngine  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Stand-ins for ``tensorrt`` and ``pycuda.driver`` that run on the CPU, for exercising the node's own
 logic around them (buffer slots, batching, event order, error sentences) where no GPU exists.
 
-They implement only the calls node/gpu/trt_engine.py makes, with the real names and argument
+They implement only the calls node/infer/gpu/trt_engine.py makes, with the real names and argument
 orders; "device memory" is host memory whose address is the pointer, copies are immediate, and the
 "network" is a numpy function of the input. They say nothing about the real libraries' behaviour:
 tests/gpu does, on a GPU.

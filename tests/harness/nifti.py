@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.assemble.volume import Geometry
+from node.model.volume import Geometry
 
 #: NIfTI-1 datatype code → numpy dtype (without byte order).
 _DTYPES: dict[int, str] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.infer.bundle import discover_bundles
+from node.infer.manifest import discover_bundles
 from node.write.provenance import Provenance
 
 BUNDLE = discover_bundles(Path(__file__).resolve().parents[2] / "engines", ("body-threshold",))[0]

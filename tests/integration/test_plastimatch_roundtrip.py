@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.assemble.volume import Geometry, build_volume, read_series
+from node.assemble.volume import build_volume, read_series
+from node.model.volume import Geometry
 from tests.harness.plastimatch import Grid, plastimatch_missing_reason, plastimatch_version, rtstruct_to_masks
 from tests.harness.synthetic_ct import write_ct_series
 

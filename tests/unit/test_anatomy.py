@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from node.assemble.volume import Geometry, build_volume, read_series
+from node.assemble.volume import build_volume, read_series
+from node.model.volume import Geometry
 from node.errors import InferenceError
 from node.infer.anatomy import (
     BODY,

@@ -12,8 +12,8 @@ import pytest
 
 from node.config import NodeConfig
 from node.errors import InferenceError
-from node.infer.bundle import discover_bundles
-from node.infer.onnxrt import OnnxRuntimeEngine
+from node.infer.manifest import discover_bundles
+from node.infer.backends.onnxrt import OnnxRuntimeEngine
 from node.jobs.engines import EngineFactory
 from node.jobs.worker import load_engines
 
@@ -61,12 +61,12 @@ def test_tensorrt_backend_refuses_to_fall_back() -> None:
 
 
 def test_cpu_backend_never_opens_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    import node.gpu.backend
+    import node.infer.gpu.backend
 
     def explode(*args: object, **kwargs: object) -> None:
         raise AssertionError("the GPU was opened under engines.backend = 'cpu'")
 
-    monkeypatch.setattr(node.gpu.backend, "GpuSession", explode)
+    monkeypatch.setattr(node.infer.gpu.backend, "GpuSession", explode)
     factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="cpu"))
     assert isinstance(factory.get(bundles("body-threshold")[0]).engine, OnnxRuntimeEngine)
 

@@ -1,6 +1,6 @@
-"""node/gpu/kernels.cu without a GPU: each kernel, compiled with g++ through the CUDA shim
-(tests/harness/cuda_cpu) and launched through node.gpu.kernels.Kernels, against the numpy function it
-mirrors; the GPU-resident pipeline (node.gpu.resident) run on that emulation against segment._sliding
+"""node/infer/gpu/kernels.cu without a GPU: each kernel, compiled with g++ through the CUDA shim
+(tests/harness/cuda_cpu) and launched through node.infer.gpu.kernels.Kernels, against the numpy function it
+mirrors; the GPU-resident pipeline (node.infer.gpu.resident) run on that emulation against segment._sliding
 and block.py's single-block steps; and, when nvcc is installed, the CUDA build itself (clean, no FMA
 contraction, no shared memory/atomics/barriers/local memory, the shipped PTX current).
 
@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 from node.errors import InferenceError
-from node.gpu.kernels import (BLOCK, KERNELS_CU, KERNELS_PTX, MAX_GRID, SIGNATURES, Kernels, Normalisation, axis_order,
+from node.infer.gpu.kernels import (BLOCK, KERNELS_CU, KERNELS_PTX, MAX_GRID, SIGNATURES, Kernels, Normalisation, axis_order,
                               grid_for, load_module, struct_format)
-from node.gpu.resident import ResidentPipeline, tile_corners
-from node.infer.bundle import Preprocess, Window
+from node.infer.gpu.resident import ResidentPipeline, tile_corners
+from node.model.bundle import Preprocess, Window
 from node.infer.transforms import labels_on_native_grid, normalise, resample_linear
 from node.infer.window import gaussian_weights, sliding_window
 from tests.harness.cuda_cpu import checks
@@ -201,7 +201,7 @@ def test_empty_launches_are_skipped(kernels: Kernels, device: CpuDevice) -> None
 def test_pycuda_is_imported_only_to_open_a_device() -> None:
     """Importing the GPU modules on a CPU-only node loads no pycuda; asking for a device without it is
     an InferenceError that says what to install."""
-    code = ("import sys, node.gpu.kernels, node.gpu.resident; "
+    code = ("import sys, node.infer.gpu.kernels, node.infer.gpu.resident; "
             "assert not any(m.startswith('pycuda') for m in sys.modules), sorted(sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from node.errors import InferenceError
-from node.gpu.backend import model_input, plan_engine
-from node.gpu.plan import MAX_BATCH_CAP, Precision, choose_precision, roofline, size_batches, workspace_for
-from node.gpu.plan_cache import PlanKey, TensorProfile
-from node.gpu.profile import GpuProfile
-from node.infer.bundle import load_bundle
+from node.infer.gpu.backend import model_input, plan_engine
+from node.infer.gpu.plan import MAX_BATCH_CAP, Precision, choose_precision, roofline, size_batches, workspace_for
+from node.infer.gpu.plan_cache import PlanKey, TensorProfile
+from node.infer.gpu.profile import GpuProfile
+from node.infer.manifest import load_bundle
 from node.infer.model_cost import model_cost
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,6 +192,6 @@ def test_each_gpu_gets_its_own_plan(liver, body) -> None:  # type: ignore[no-unt
 
 
 def test_cuda_versions_read_as_operators_write_them() -> None:
-    from node.gpu.profile import _cuda_version_text
+    from node.infer.gpu.profile import _cuda_version_text
 
     assert [_cuda_version_text(v) for v in (12040, 13000, 11080, 12020)] == ["12.4", "13.0", "11.8", "12.2"]

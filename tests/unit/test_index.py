@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.domain import InstanceMeta, JobState, OutboxState, SeriesState
+from node.model.records import InstanceMeta, JobState, OutboxState, SeriesState
 from node.spool.index import Index
 from node.spool.store import Spool
 

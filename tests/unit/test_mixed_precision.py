@@ -1,4 +1,4 @@
-"""Mixed precision in the ONNX graph (node/gpu/mixed_precision.py): the rewritten graphs' structure
+"""Mixed precision in the ONNX graph (node/infer/gpu/mixed_precision.py): the rewritten graphs' structure
 (checker, types, casts, weights) for both shipped models in fp16 and bf16, real and simulated; the
 rounding against ONNX Runtime's own Casts and ml_dtypes; and accuracy, simulated on the CPU, of the
 body-threshold network on a phantom and of the liver U-Net on a real CT block.
@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from node.errors import BundleError
-from node.gpu.mixed_precision import (
+from node.infer.gpu.mixed_precision import (
     KEEP_FP32_OPS,
     LOW_PRECISION_OPS,
     bf16_bits_to_float32,
@@ -312,9 +312,9 @@ def liver_case(originals: dict[str, onnx.ModelProto]) -> tuple[np.ndarray, np.nd
     own single-block pipeline (reorient, crop, resample, median, normalise, centre)."""
     if not LIVER_CT.is_file():
         pytest.skip(f"{LIVER_CT} not found (the real CT lives in ../shared/data)")
-    from node.assemble.volume import Volume
+    from node.model.volume import Volume
     from node.infer.block import segment_single_block
-    from node.infer.bundle import load_bundle
+    from node.infer.manifest import load_bundle
     from tests.harness.nifti import load_nifti_volume
 
     class Capture:

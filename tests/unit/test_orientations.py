@@ -34,7 +34,8 @@ from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import build_volume, read_series
 from node.config import NodeConfig
-from node.infer.bundle import Bundle, discover_bundles
+from node.infer.manifest import discover_bundles
+from node.model.bundle import Bundle
 from node.infer.engine import Engine
 from node.jobs.pipeline import run_job
 from node.jobs.engines import make_engine

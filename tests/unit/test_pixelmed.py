@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from node.assemble.volume import build_volume, read_series
-from node.infer.bundle import discover_bundles
+from node.infer.manifest import discover_bundles
 from node.write.provenance import Provenance
 from node.write.rtstruct import build_rtstruct
 from node.write.result import Result, present_labels

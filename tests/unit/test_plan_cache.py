@@ -1,6 +1,6 @@
 """The TensorRT plan cache without TensorRT: a builder function stands in for the TensorRT build
 (the cache's own logic — keys, sidecars, checksums, atomic writes, locks, timing caches — is what is
-tested; node/gpu/trt_build.py is the only code that calls TensorRT)."""
+tested; node/infer/gpu/trt_build.py is the only code that calls TensorRT)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from node.errors import InferenceError
-from node.gpu.plan_cache import PlanCache, PlanKey, TensorProfile
+from node.infer.gpu.plan_cache import PlanCache, PlanKey, TensorProfile
 
 KEY = PlanKey(bundle="body-threshold@0.1.0", onnx_sha256="7c08" + "0" * 60, tensorrt_version="11.4.0.106",
               gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", precision="fp16",

@@ -1,4 +1,4 @@
-"""The check a freshly built plan must pass before the node uses it (node/gpu/check.py), with ONNX
+"""The check a freshly built plan must pass before the node uses it (node/infer/gpu/check.py), with ONNX
 Runtime engines standing in for the plan: the same model passes, a shifted, noisy or NaN one fails
 with the figures; and a failed plan is removed from the cache."""
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from node.errors import InferenceError
-from node.gpu.check import agreement, check_input, verify_against_reference
-from node.gpu.plan_cache import PlanCache, PlanKey, TensorProfile
-from node.infer.bundle import load_bundle
-from node.infer.onnxrt import OnnxRuntimeEngine
+from node.infer.gpu.check import agreement, check_input, verify_against_reference
+from node.infer.gpu.plan_cache import PlanCache, PlanKey, TensorProfile
+from node.infer.manifest import load_bundle
+from node.infer.backends.onnxrt import OnnxRuntimeEngine
 
 ENGINES = Path(__file__).resolve().parents[2] / "engines"
 BODY = load_bundle(ENGINES / "body-threshold")

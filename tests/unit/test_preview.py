@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
-from node.infer.bundle import discover_bundles
+from node.infer.manifest import discover_bundles
 from node.jobs.pipeline import run_job
 from node.jobs.engines import make_engine
 from node.config import NodeConfig

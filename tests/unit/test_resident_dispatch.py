@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from node.assemble.volume import Geometry, Volume
-from node.gpu.resident import ResidentPipeline
-from node.infer.bundle import load_bundle
+from node.model.volume import Geometry, Volume
+from node.infer.gpu.resident import ResidentPipeline
+from node.infer.manifest import load_bundle
 from node.infer.segment import segment_volume
 from tests.harness.cuda_cpu.build import build, missing_reason
 from tests.harness.cuda_cpu.device import CpuDevice

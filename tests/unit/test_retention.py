@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from node.config import NodeConfig, load_config
-from node.domain import InstanceMeta, JobState, OutboxState, SeriesState
+from node.model.records import InstanceMeta, JobState, OutboxState, SeriesState
 from node.errors import ConfigError
 from node.jobs.worker import job_result_dir
 from node.service.daemon import Service

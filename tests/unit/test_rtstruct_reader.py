@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 
-from node.assemble.volume import Geometry, Volume, build_volume, read_series
+from node.assemble.volume import build_volume, read_series
+from node.model.volume import Geometry, Volume
 from node.read import Contour, Roi, StructureSetError, rasterise, read_structure_set
 from node.write.rtstruct import build_rtstruct
 from node.write.result import Result

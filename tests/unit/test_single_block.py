@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from node.assemble.volume import Geometry, Volume, build_volume, read_series
+from node.assemble.volume import build_volume, read_series
+from node.model.volume import Geometry, Volume
 from node.errors import Declined
 from node.infer.block import image_probabilities, place_in_block, segment_single_block
-from node.infer.bundle import load_bundle
+from node.infer.manifest import load_bundle
 from node.infer.coverage import check_coverage
 from node.infer.crop import abdomen_box
 from node.infer.median import median3
@@ -192,7 +193,7 @@ def test_abdomen_crop_tops_out_above_the_lung_base_and_keeps_the_body() -> None:
 
 @pytest.mark.skipif(not (SHARED / "nifti" / "totalseg").is_dir(), reason=f"{SHARED}/nifti/totalseg not found")
 def test_liver_matches_totalsegmentator_on_its_example_ct() -> None:
-    from node.infer.onnxrt import OnnxRuntimeEngine
+    from node.infer.backends.onnxrt import OnnxRuntimeEngine
     from node.infer.segment import segment_volume
     from tests.harness.nifti import load_nifti_volume
 

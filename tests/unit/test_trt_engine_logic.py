@@ -20,7 +20,7 @@ def network(x: np.ndarray) -> np.ndarray:
 
 
 def make_engine(log: list[str], max_batch: int = 3):  # type: ignore[no-untyped-def]
-    from node.gpu.trt_engine import CudaContext, TensorRTEngine
+    from node.infer.gpu.trt_engine import CudaContext, TensorRTEngine
 
     context = CudaContext(0)
     return TensorRTEngine(b"PLAN", name="fake", input_name="image", output_name="probabilities", max_batch=max_batch,
@@ -51,7 +51,7 @@ def test_run_returns_every_tile_in_order_through_alternating_slots(n: int) -> No
 
 
 def test_a_batch_smaller_than_a_fixed_batch_is_padded() -> None:
-    from node.gpu.trt_engine import CudaContext, TensorRTEngine
+    from node.infer.gpu.trt_engine import CudaContext, TensorRTEngine
 
     log: list[str] = []
     with installed(make_tensorrt(network, TILE, 2, TILE, log), make_pycuda(log)):
@@ -83,7 +83,7 @@ def test_wrong_tiles_and_batches_are_refused_with_sentences() -> None:
 
 
 def test_a_plan_that_does_not_deserialise_is_named() -> None:
-    from node.gpu.trt_engine import CudaContext, TensorRTEngine
+    from node.infer.gpu.trt_engine import CudaContext, TensorRTEngine
 
     log: list[str] = []
     with installed(make_tensorrt(network, TILE, 2, TILE, log), make_pycuda(log)):
@@ -103,7 +103,7 @@ def test_close_frees_the_device_buffers() -> None:
 def test_the_cuda_context_is_released_once() -> None:
     """pycuda aborts a process whose context stack is not empty at exit: close() pops and detaches,
     once, whether called by the worker or at exit."""
-    from node.gpu.trt_engine import CudaContext
+    from node.infer.gpu.trt_engine import CudaContext
 
     log: list[str] = []
     with installed(make_tensorrt(network, TILE, 2, TILE, log), make_pycuda(log)):

@@ -12,9 +12,10 @@ import pytest
 from pydicom import dcmread
 from skimage.draw import polygon as fill_polygon
 
-from node.assemble.volume import Volume, build_volume, read_series
+from node.assemble.volume import build_volume, read_series
+from node.model.volume import Volume
 from node.errors import WriteError
-from node.infer.bundle import Bundle, Code, Label
+from node.model.bundle import Bundle, Code, Label
 from node.write import files as files_module
 from node.write import seg as seg_module
 from node.write.contours import mask_contours_px, slice_contours_px

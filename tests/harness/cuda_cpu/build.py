@@ -1,6 +1,6 @@
-"""Compile node/gpu/kernels.cu with g++ through cuda_cpu.h into a shared library and load it with ctypes.
+"""Compile node/infer/gpu/kernels.cu with g++ through cuda_cpu.h into a shared library and load it with ctypes.
 
-For every kernel of ``node.gpu.kernels.SIGNATURES`` the generated host code has an
+For every kernel of ``node.infer.gpu.kernels.SIGNATURES`` the generated host code has an
 ``extern "C" void launch_<kernel>(unsigned grid, unsigned block, <the kernel's parameters>)`` that runs
 the launch as a serial loop (cuda_cpu.h), and a ``static_assert`` that kernels.cu declares exactly the
 parameter types of the table: the table the pycuda launches are packed from is checked by the compiler.
@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.gpu.kernels import KERNELS_CU, SIGNATURES
+from node.infer.gpu.kernels import KERNELS_CU, SIGNATURES
 
 HERE = Path(__file__).resolve().parent
 FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-Wall", "-Wextra"]
@@ -30,7 +30,7 @@ def host_source() -> str:
     lines = ['#include "cuda_cpu.h"', f'#include "{KERNELS_CU}"', "#include <type_traits>", ""]
     for name, types in SIGNATURES.items():
         lines.append(f"static_assert(std::is_same<decltype(&{name}), void (*)({', '.join(types)})>::value,")
-        lines.append(f'              "{name}: kernels.cu and node.gpu.kernels.SIGNATURES disagree");')
+        lines.append(f'              "{name}: kernels.cu and node.infer.gpu.kernels.SIGNATURES disagree");')
         params = ", ".join(f"{'void*' if t.endswith('*') else t} a{i}" for i, t in enumerate(types))
         args = ", ".join(f"({t})a{i}" if t.endswith("*") else f"a{i}" for i, t in enumerate(types))
         lines.append(f'extern "C" void launch_{name}(unsigned grid, unsigned block, {params}) {{')

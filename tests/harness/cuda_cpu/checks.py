@@ -1,8 +1,8 @@
-"""Each kernel of node/gpu/kernels.cu, and the resident pipeline, against its numpy twin — written once,
+"""Each kernel of node/infer/gpu/kernels.cu, and the resident pipeline, against its numpy twin — written once,
 run on the CPU emulation (tests/unit/test_gpu_kernels.py, bitwise) and on a GPU (tests/gpu, within the
 stated tolerance, and bitwise where the design promises it).
 
-A check takes :class:`node.gpu.kernels.Kernels` and a :class:`Memory` (the CPU emulation's device, or
+A check takes :class:`node.infer.gpu.kernels.Kernels` and a :class:`Memory` (the CPU emulation's device, or
 the GPU tests' pycuda wrapper), builds its inputs, launches, and compares with ``same``.
 """
 
@@ -14,13 +14,14 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 from scipy import ndimage
 
-from node.gpu.kernels import Kernels, Normalisation
-from node.gpu.resident import ResidentPipeline, tile_corners
+from node.infer.gpu.kernels import Kernels, Normalisation
+from node.infer.gpu.resident import ResidentPipeline, tile_corners
 from node.infer.block import image_probabilities, place_in_block
-from node.infer.bundle import Preprocess, Window
+from node.model.bundle import Preprocess, Window
 from node.infer.segment import _sliding
 from node.infer.transforms import labels_on_native_grid, model_grid_shape, normalise, resample_centred, resample_linear
 from node.infer.window import gaussian_weights, sliding_window
+from node.model.enums import Activation, WindowMode
 from tests.harness.cuda_cpu.engines import NumpyEngine
 
 F = np.float32
@@ -359,7 +360,7 @@ def check_resident_single_block(device: Any, make_engine: EngineFactory, case: t
     median): resample_centred → normalise → place_in_block → run → image_probabilities → threshold/argmax."""
     shape, dtype, spacing, block, margin, activation, channels = case
     pre = Preprocess(spacing_mm=(2.5, 1.7, 1.9), clip=(-100.0, 200.0), scale=1 / 150.0, offset=-50.0)
-    window = Window(patch=block, overlap=0.0, batch=1, mode="single-block", block=block, output_margin=margin,
+    window = Window(patch=block, overlap=0.0, batch=1, mode=WindowMode.SINGLE_BLOCK, block=block, output_margin=margin,
                     pad_value=-0.4 if margin else None)
     out_shape = tuple(b - 2 * margin for b in block)
     image = ct(shape, dtype, seed=shape[2])
@@ -378,7 +379,7 @@ def check_resident_single_block(device: Any, make_engine: EngineFactory, case: t
     assert any(e.any() and not e.all() for _, e in expected)
 
     pipeline = ResidentPipeline(make_engine(block, channels, 1, out_shape), device)  # type: ignore[arg-type]
-    got, model = pipeline.single_block_channels(image, spacing, pre, window, activation, threshold, values)
+    got, model = pipeline.single_block_channels(image, spacing, pre, window, Activation(activation), threshold, values)
     pipeline.close()
     assert model == model_image.shape
     assert [v for v, _ in got] == values

@@ -1,5 +1,5 @@
-"""A CPU stand-in for node.gpu.kernels.CudaDevice: "device memory" is host memory, a launch is the
-g++-compiled kernels.cu's serial loop. It lets node.gpu.resident run unchanged without a GPU.
+"""A CPU stand-in for node.infer.gpu.kernels.CudaDevice: "device memory" is host memory, a launch is the
+g++-compiled kernels.cu's serial loop. It lets node.infer.gpu.resident run unchanged without a GPU.
 
 Checks what a GPU would not report clearly: every copy and memset must lie inside one allocation,
 every launch and copy must be queued on a stream this device made, and fresh allocations are filled

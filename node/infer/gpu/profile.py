@@ -125,7 +125,7 @@ class GpuProfile:
                 source=str(data.get("source", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise InferenceError(f"{where} is not a GPU profile: {exc!r} (see node/gpu/profile.py for the fields)") from exc
+            raise InferenceError(f"{where} is not a GPU profile: {exc!r} (see node/infer/gpu/profile.py for the fields)") from exc
 
     @classmethod
     def load(cls, path: Path) -> GpuProfile:

@@ -1,4 +1,4 @@
-// GPU-resident pre- and post-processing of the segmentation pipeline (node/gpu/resident.py).
+// GPU-resident pre- and post-processing of the segmentation pipeline (node/infer/gpu/resident.py).
 //
 // Every kernel mirrors one numpy function of node/infer, named in its comment, and is tested against
 // it twice: compiled with g++ through tests/harness/cuda_cpu/cuda_cpu.h, a header that runs a launch
@@ -15,7 +15,7 @@
 //     and with g++ after the shim header.
 //
 // Regenerate the shipped PTX (loaded when nvcc is not installed) after editing this file:
-//   nvcc --ptx -arch=compute_75 -o node/gpu/kernels.ptx node/gpu/kernels.cu
+//   nvcc --ptx -arch=compute_75 -o node/infer/gpu/kernels.ptx node/infer/gpu/kernels.cu
 // tests/unit/test_gpu_kernels.py checks that it is current whenever the local nvcc is the version
 // recorded in its header.
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from node.errors import InferenceError
-from node.infer.bundle import Bundle
 from node.infer.engine import Engine
+from node.model.bundle import Bundle
 
 
 def check_input(bundle: Bundle, batch: int = 1) -> np.ndarray:
@@ -36,9 +36,9 @@ def check_input(bundle: Bundle, batch: int = 1) -> np.ndarray:
 
 def agreement(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> tuple[float, float]:
     """(largest |difference|, Dice of the masks > threshold; 1.0 when both are empty), as
-    :func:`node.gpu.mixed_precision.precision_agreement` measures them; a non-finite value in
+    :func:`node.infer.gpu.mixed_precision.precision_agreement` measures them; a non-finite value in
     ``candidate`` is the worst disagreement there is."""
-    from node.gpu.mixed_precision import precision_agreement
+    from node.infer.gpu.mixed_precision import precision_agreement
 
     if reference.shape != candidate.shape:
         raise InferenceError(f"outputs of shapes {reference.shape} and {candidate.shape} cannot be compared")

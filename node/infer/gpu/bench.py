@@ -3,7 +3,7 @@ the GPU's bandwidth and compute roofline for that model, with ONNX Runtime on th
 
 The TensorRT rows time the network alone on device buffers (CUDA events around ``enqueue``) and the
 network with its PCIe copies (``run``); ONNX Runtime's rows time ``run`` on the same inputs. Per volume
-is per tile × the tiles one reference CT needs (``node.gpu.doctor.REFERENCE_SHAPE``).
+is per tile × the tiles one reference CT needs (``node.infer.gpu.doctor.REFERENCE_SHAPE``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from node.errors import NodeError
-from node.gpu.doctor import tiles_per_reference_volume
-from node.infer.bundle import Bundle
 from node.infer.engine import Engine
+from node.infer.gpu.doctor import tiles_per_reference_volume
 from node.infer.model_cost import model_cost
+from node.model.bundle import Bundle
+from node.model.enums import WindowMode
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _inputs(bundle: Bundle, batch: int) -> np.ndarray:
 
 
 def bench_onnxruntime(bundle: Bundle, engine: Engine, repeats: int) -> BenchRow:
-    batch = 1 if bundle.window.mode == "single-block" else bundle.window.batch
+    batch = 1 if bundle.window.mode is WindowMode.SINGLE_BLOCK else bundle.window.batch
     tiles = _inputs(bundle, batch)
     seconds = _time(lambda: engine.run(tiles), repeats)
     assert bundle.model_file is not None
@@ -67,14 +68,14 @@ def bench_onnxruntime(bundle: Bundle, engine: Engine, repeats: int) -> BenchRow:
 
 def bench_tensorrt(bundle: Bundle, state_dir: Path, repeats: int, gpu_index: int = 0) -> list[BenchRow]:
     """Two rows: the network on device buffers, and with host copies (double-buffered ``run``)."""
-    from node.gpu.backend import GpuSession
-    from node.gpu.plan import roofline
+    from node.infer.gpu.backend import GpuSession
+    from node.infer.gpu.plan import roofline
 
     session = GpuSession(gpu_index)  # first: says what is missing when TensorRT, pycuda or a GPU is
 
     import pycuda.driver as cuda
     engine, plan, _ = session.engine(bundle, state_dir)
-    batch = plan.sizing.opt_batch if bundle.window.mode != "single-block" else 1
+    batch = plan.sizing.opt_batch if bundle.window.mode is not WindowMode.SINGLE_BLOCK else 1
     tiles = _inputs(bundle, batch)
     est = roofline(plan.gpu, plan.cost, plan.precision.precision)
     device_in = cuda.mem_alloc(tiles.nbytes)
@@ -112,7 +113,7 @@ def bench_tensorrt(bundle: Bundle, state_dir: Path, repeats: int, gpu_index: int
 
 def bench(bundles: list[Bundle], *, state_dir: Path, repeats: int, gpu_index: int, threads: int) -> tuple[list[BenchRow], list[str]]:
     """Rows for every network bundle; notes say why a backend has no rows."""
-    from node.infer.onnxrt import OnnxRuntimeEngine
+    from node.infer.backends.onnxrt import OnnxRuntimeEngine
 
     rows: list[BenchRow] = []
     notes: list[str] = []

@@ -1,6 +1,6 @@
 """What to build for this GPU: the precision, the optimisation profile (tile batch) and the workspace.
 
-Pure decisions on a :class:`~node.gpu.profile.GpuProfile` and the model's cost, with no TensorRT or
+Pure decisions on a :class:`~node.infer.gpu.profile.GpuProfile` and the model's cost, with no TensorRT or
 CUDA import, so they are unit-tested on CPU-only machines against recorded profiles.
 
 Memory model (per engine, on the device): weights at the build precision + the builder's workspace
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from node.errors import InferenceError
-from node.gpu.profile import GpuProfile
+from node.infer.gpu.profile import GpuProfile
 from node.infer.model_cost import ModelCost
 
 GiB = 1 << 30
@@ -55,7 +55,7 @@ def choose_precision(gpu: GpuProfile, requested: str = "auto") -> PrecisionChoic
     FP32 without tensor cores.
 
     FP16 is the default even where BF16 runs at the same rate: it keeps 10 mantissa bits to BF16's
-    7, and :mod:`node.gpu.mixed_precision` keeps the operations that overflow FP16's range
+    7, and :mod:`node.infer.gpu.mixed_precision` keeps the operations that overflow FP16's range
     (normalisations, reductions, exponentials) in FP32.
     """
     if requested not in PRECISION_REQUESTS:

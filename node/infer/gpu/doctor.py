@@ -11,14 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import InferenceError, NodeError
-from node.gpu.backend import EnginePlan, nvml_status, plan_cache_for, plan_engine, pycuda_status, tensorrt_status
-from node.gpu.plan import roofline
-from node.gpu.profile import GpuProfile, read_profile
-from node.infer.bundle import Bundle
+from node.infer.backends.onnxrt import status as onnxruntime_status
 from node.infer.engine import BackendStatus
-from node.infer.onnxrt import status as onnxruntime_status
+from node.infer.gpu.backend import (
+    EnginePlan,
+    nvml_status,
+    plan_cache_for,
+    plan_engine,
+    pycuda_status,
+    tensorrt_status,
+)
+from node.infer.gpu.plan import roofline
+from node.infer.gpu.profile import GpuProfile, read_profile
 from node.infer.transforms import model_grid_shape
 from node.infer.window import tile_grid
+from node.model.bundle import Bundle
+from node.model.enums import WindowMode
 
 #: The volume "per volume" figures refer to: a 300-slice abdominal CT, 512 x 512, 1.0 x 0.8 x 0.8 mm.
 REFERENCE_SHAPE = (300, 512, 512)
@@ -29,7 +37,7 @@ GiB = 1 << 30
 
 def tiles_per_reference_volume(bundle: Bundle) -> int:
     """How many network inputs one reference CT needs: 1 block, or the sliding window's tile count."""
-    if bundle.window.mode == "single-block":
+    if bundle.window.mode is WindowMode.SINGLE_BLOCK:
         return 1
     spacing = bundle.preprocess.spacing_mm or REFERENCE_SPACING
     grid = model_grid_shape(REFERENCE_SHAPE, REFERENCE_SPACING, spacing)

@@ -1,10 +1,10 @@
 """The GPU backend: whether it can run here, and a TensorRT engine for a bundle (built or cached).
 
 ``GpuSession.engine`` is the one entry point the worker uses (through node.jobs.engines): it reads the GPU's profile, decides the
-precision and the tile batch (:mod:`node.gpu.plan`), converts the ONNX model to that precision
-(:mod:`node.gpu.mixed_precision`), gets the plan from the cache or builds it
-(:mod:`node.gpu.plan_cache`, :mod:`node.gpu.trt_build`) and deserialises it
-(:mod:`node.gpu.trt_engine`). Any failure is an :class:`InferenceError` whose message says what is
+precision and the tile batch (:mod:`node.infer.gpu.plan`), converts the ONNX model to that precision
+(:mod:`node.infer.gpu.mixed_precision`), gets the plan from the cache or builds it
+(:mod:`node.infer.gpu.plan_cache`, :mod:`node.infer.gpu.trt_build`) and deserialises it
+(:mod:`node.infer.gpu.trt_engine`). Any failure is an :class:`InferenceError` whose message says what is
 missing or what failed; the caller falls back to ONNX Runtime on the CPU with that message.
 """
 
@@ -16,21 +16,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.errors import InferenceError
-from node.gpu.plan import BuildSizing, Precision, PrecisionChoice, choose_precision, size_batches
-from node.gpu.plan_cache import CachedPlan, PlanCache, PlanKey, TensorProfile
-from node.gpu.profile import GpuProfile, read_profile
-from node.infer.bundle import Bundle
 from node.infer.engine import BackendStatus
+from node.infer.gpu.plan import (
+    BuildSizing,
+    Precision,
+    PrecisionChoice,
+    choose_precision,
+    size_batches,
+)
+from node.infer.gpu.plan_cache import CachedPlan, PlanCache, PlanKey, TensorProfile
+from node.infer.gpu.profile import GpuProfile, read_profile
 from node.infer.model_cost import ModelCost, model_cost
+from node.model.bundle import Bundle
+from node.model.enums import WindowMode
 
 if TYPE_CHECKING:
-    from node.gpu.trt_engine import TensorRTEngine
+    from node.infer.gpu.trt_engine import TensorRTEngine
 
 log = logging.getLogger(__name__)
 
 
 def tensorrt_status() -> BackendStatus:
-    from node.gpu.trt_build import tensorrt_version
+    from node.infer.gpu.trt_build import tensorrt_version
 
     try:
         return BackendStatus("tensorrt", True, f"TensorRT {tensorrt_version()}")
@@ -87,7 +94,7 @@ def model_input(bundle: Bundle) -> ModelInput:
         raise InferenceError(f"bundle {bundle.name}: {bundle.model_file.name} has no input {bundle.input_name!r}")
     dims = inputs[bundle.input_name].type.tensor_type.shape.dim
     batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-    if bundle.window.mode == "single-block":
+    if bundle.window.mode is WindowMode.SINGLE_BLOCK:
         batch = 1  # one block per series
     return ModelInput((1, 1, *bundle.window.network_input), batch)
 
@@ -140,7 +147,7 @@ def onnx_at_precision(bundle: Bundle, precision: Precision) -> bytes:
         return bundle.model_file.read_bytes()
     import onnx
 
-    from node.gpu.mixed_precision import to_mixed_precision
+    from node.infer.gpu.mixed_precision import to_mixed_precision
 
     model = to_mixed_precision(onnx.load(str(bundle.model_file)), precision.value)  # type: ignore[arg-type]
     return bytes(model.SerializeToString())
@@ -148,7 +155,7 @@ def onnx_at_precision(bundle: Bundle, precision: Precision) -> bytes:
 
 def ensure_plan(plan: EnginePlan, cache: PlanCache, *, force: bool = False) -> CachedPlan:
     """The serialised plan for ``plan.key``: from the cache, or built now (minutes for a 3D U-Net)."""
-    from node.gpu.trt_build import build_plan
+    from node.infer.gpu.trt_build import build_plan
 
     def build(timing: bytes | None) -> tuple[bytes, bytes]:
         log.info("building the TensorRT plan for %s on %s: %s; batch %d..%d (%s); workspace %d MiB",
@@ -161,7 +168,7 @@ def ensure_plan(plan: EnginePlan, cache: PlanCache, *, force: bool = False) -> C
 
 
 def plan_cache_for(state_dir: Path) -> PlanCache:
-    from node.gpu.trt_build import merge_timing_caches
+    from node.infer.gpu.trt_build import merge_timing_caches
 
     return PlanCache(state_dir / "engines", merge_timing=merge_timing_caches)
 
@@ -170,8 +177,8 @@ class GpuSession:
     """The GPU a worker uses: its context and profile, opened once per process."""
 
     def __init__(self, index: int = 0) -> None:
-        from node.gpu.trt_build import tensorrt_version
-        from node.gpu.trt_engine import CudaContext
+        from node.infer.gpu.trt_build import tensorrt_version
+        from node.infer.gpu.trt_engine import CudaContext
 
         self.tensorrt_version = tensorrt_version()  # first: says how to install it when missing
         status = pycuda_status()
@@ -186,7 +193,7 @@ class GpuSession:
 
     def engine(self, bundle: Bundle, state_dir: Path) -> tuple[TensorRTEngine, EnginePlan, CachedPlan]:
         """A deserialised TensorRTEngine for ``bundle`` (built first when the cache has no plan)."""
-        from node.gpu.trt_engine import TensorRTEngine
+        from node.infer.gpu.trt_engine import TensorRTEngine
 
         plan = plan_engine(bundle, self.profile, self.tensorrt_version)
         cache = plan_cache_for(state_dir)
@@ -195,8 +202,8 @@ class GpuSession:
                                 input_name=bundle.input_name, output_name=bundle.output_name,
                                 max_batch=plan.sizing.max_batch, min_batch=plan.sizing.min_batch, context=self.context)
         if cached.built:
-            from node.gpu.check import verify_against_reference
-            from node.infer.onnxrt import OnnxRuntimeEngine
+            from node.infer.backends.onnxrt import OnnxRuntimeEngine
+            from node.infer.gpu.check import verify_against_reference
 
             assert bundle.model_file is not None
             reference = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name,

@@ -16,7 +16,7 @@ masks; the crop to the image's voxels (block.image_probabilities) and everything
 crop, median) and after (opening, back to the native grid) stay on the CPU.
 
 Device buffers belong to the pipeline object and are reused for the next volume when large enough.
-The device is a :class:`node.gpu.kernels.CudaDevice` (pycuda) on a GPU; tests run the same code on the
+The device is a :class:`node.infer.gpu.kernels.CudaDevice` (pycuda) on a GPU; tests run the same code on the
 CPU emulation of kernels.cu.
 """
 
@@ -28,12 +28,13 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from node.errors import InferenceError
-from node.gpu.device import DeviceEngine
-from node.gpu.kernels import Kernels, Launcher, Normalisation, Shape, cuda_step
 from node.infer.block import image_probabilities
-from node.infer.bundle import Preprocess, Window
+from node.infer.gpu.device import DeviceEngine
+from node.infer.gpu.kernels import Kernels, Launcher, Normalisation, Shape, cuda_step
 from node.infer.transforms import model_grid_shape
 from node.infer.window import gaussian_weights, tile_grid
+from node.model.bundle import Preprocess, Window
+from node.model.enums import Activation
 
 FLOAT = 4  # bytes of a float32
 
@@ -69,7 +70,7 @@ class ResidentPipeline:
 
     def __init__(self, engine: DeviceEngine, device: Device | None = None) -> None:
         if device is None:
-            from node.gpu.kernels import CudaDevice
+            from node.infer.gpu.kernels import CudaDevice
 
             device = CudaDevice()
         self.engine = engine
@@ -204,7 +205,7 @@ class ResidentPipeline:
 
     # -------------------------------------------------------------------------- single block
     def single_block_channels(self, image: np.ndarray, spacing: Sequence[float], pre: Preprocess, window: Window,
-                              activation: str, threshold: float, values: Sequence[int]
+                              activation: Activation, threshold: float, values: Sequence[int]
                               ) -> tuple[list[tuple[int, np.ndarray]], Shape]:
         """block.segment_single_block's device part, from the image before its last resampling (after the
         median) to the per-label masks on the model grid: ([(label value, bool mask)], model-grid shape).
@@ -224,7 +225,7 @@ class ResidentPipeline:
         output = self._buffer("probs", FLOAT * engine.channels * out_voxels)
         self._enqueue(block_ptr, output, 1)
         masks = self._buffer("labels", engine.channels * out_voxels)
-        if activation == "sigmoid":
+        if activation is Activation.SIGMOID:
             if len(values) > engine.channels:
                 raise InferenceError(f"{engine.name} has {engine.channels} channels for {len(values)} sigmoid labels")
             self.kernels.threshold_sigmoid(output, masks, engine.channels * out_voxels, threshold, 1, self.stream)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from node.errors import InferenceError
-from node.gpu.kernels import cuda_step
+from node.infer.gpu.kernels import cuda_step
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class TensorRTEngine:
         import pycuda.driver as cuda
         import tensorrt as trt
 
-        from node.gpu.trt_build import make_logger
+        from node.infer.gpu.trt_build import make_logger
 
         self._slots: list[_Slot] = []
         self.name = name
@@ -198,10 +198,10 @@ class TensorRTEngine:
 
     # ------------------------------------------------------------------------ GPU-resident
     def resident_pipeline(self) -> Any:
-        """The GPU-resident pre/post-processing around this engine (node.gpu.resident), made once; None
+        """The GPU-resident pre/post-processing around this engine (node.infer.gpu.resident), made once; None
         when its kernels cannot be loaded here (then tiles go through host memory; said once)."""
         if self._resident is None and self._resident_error is None:
-            from node.gpu.resident import ResidentPipeline
+            from node.infer.gpu.resident import ResidentPipeline
 
             try:
                 self._resident = ResidentPipeline(self)

@@ -2,7 +2,7 @@
 
 TensorRT 11 builds strongly typed networks only (its FP16/BF16 builder flags are gone): the
 precision is in the ONNX graph, so FP16/BF16 plans are built from the graph that
-:func:`node.gpu.mixed_precision.to_mixed_precision` makes (float32 inputs and outputs kept). On
+:func:`node.infer.gpu.mixed_precision.to_mixed_precision` makes (float32 inputs and outputs kept). On
 10.12–10.x the STRONGLY_TYPED creation flag asks for the same behaviour. Explicit batch (the only
 mode since 10.0), one optimisation profile per dynamic input, the workspace bounded, and a timing
 cache reused across builds on the same GPU.
@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from node.errors import InferenceError
-from node.gpu.plan_cache import PlanKey
+from node.infer.gpu.plan_cache import PlanKey
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ class Normalisation:
 
     @classmethod
     def of(cls, pre: Any) -> Normalisation:
-        """From a bundle's :class:`node.infer.bundle.Preprocess`."""
+        """From a bundle's :class:`node.model.bundle.Preprocess`."""
         return cls(float(pre.clip[0]), float(pre.clip[1]), float(pre.offset), float(pre.scale))
 
     def args(self) -> tuple[int, float, float, float, float]:
@@ -233,7 +233,7 @@ def load_module() -> Any:
 
 class CudaDevice:
     """Device memory, page-locked host memory, streams and kernel launches with pycuda, in the CUDA
-    context current when it is created (node.gpu.trt_engine.CudaContext's, for TensorRT)."""
+    context current when it is created (node.infer.gpu.trt_engine.CudaContext's, for TensorRT)."""
 
     def __init__(self, module: Any | None = None) -> None:
         import pycuda.driver as cuda

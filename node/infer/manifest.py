@@ -1,0 +1,266 @@
+"""Model bundles on disk: ``engines/<name>/manifest.toml`` plus the model file it names.
+
+A bundle declares everything the pipeline needs: which series it applies to and which it must
+decline (coverage), the preprocessing, how the network is run (a sliding window of patches, or one
+fixed block), the post-processing, the labels (names, SNOMED CT codes, colours, RT ROI interpreted
+types), the algorithm's identity and the model file with its sha256. Adding a model means adding a
+directory; the README walks through one.
+
+Two kinds of model: ``kind = "onnx"`` (a network run by the configured engine) and
+``kind = "builtin"`` (a rule-based algorithm shipped in the node's code, named by ``algorithm``).
+
+The manifest is read with the same typed reader as the node's configuration
+(:class:`node.model.tables.Table`): a wrong type, a value outside its choices or a key the format
+does not have is an error naming the file, the table and the key. The types it produces live on the
+ground floor (:mod:`node.model.bundle`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+
+from node.errors import BundleError
+from node.model.bundle import (
+    BUILTIN_ALGORITHMS,
+    RT_ROI_TYPES,
+    Bundle,
+    Code,
+    Coverage,
+    GpuOptions,
+    Label,
+    Postprocess,
+    Preprocess,
+    Selection,
+    Window,
+)
+from node.model.enums import Activation, Crop, ModelKind, PrecisionRequest, WindowMode
+from node.model.tables import Table
+
+PATIENT_DIRECTIONS = set("LRAPSI")
+
+
+def _code(t: Table) -> Code:
+    return Code(scheme=t.require("scheme", str), value=t.require("value", str), meaning=t.require("meaning", str))
+
+
+def _orientation(t: Table, key: str) -> str | None:
+    value = t.get(key, str, None)
+    if value is None:
+        return None
+    axes = {"L": "x", "R": "x", "A": "y", "P": "y", "S": "z", "I": "z"}
+    if len(value) != 3 or not set(value) <= PATIENT_DIRECTIONS or len({axes[c] for c in value}) != 3:
+        raise t.fail(key, f"is {value!r}; expected three letters naming one of L/R, A/P and S/I each")
+    return value
+
+
+def _labels(top: Table) -> tuple[Label, ...]:
+    labels = []
+    for lt in top.tables("labels", required=True):
+        rt_type = lt.require("rt_roi_type", str)
+        if rt_type not in RT_ROI_TYPES:
+            raise lt.fail("rt_roi_type", f"is {rt_type!r}; expected one of {sorted(RT_ROI_TYPES)}")
+        color = lt.require("color_rgb", list)
+        if len(color) != 3 or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color):
+            raise lt.fail("color_rgb", f"is {color!r}; expected three integers 0-255")
+        includes = lt.get("includes", list, [])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in includes):
+            raise lt.fail("includes", f"is {includes!r}; expected a list of label values (integers)")
+        labels.append(
+            Label(
+                value=lt.require("value", int),
+                name=lt.require("name", str),
+                category=_code(lt.table("category", required=True)),
+                type=_code(lt.table("type", required=True)),
+                color_rgb=(color[0], color[1], color[2]),
+                rt_roi_type=rt_type,
+                includes=tuple(includes),
+            )
+        )
+    where = f"{top.source}: [[labels]]"
+    if not labels:
+        raise BundleError(f"{where}: a bundle needs at least one label")
+    values = [label.value for label in labels]
+    if len(set(values)) != len(values) or min(values) < 1 or max(values) > 255:
+        raise BundleError(f"{where}: label values must be unique integers 1-255; got {values}")
+    for label in labels:
+        unknown = [v for v in label.includes if v not in values or v == label.value]
+        if unknown:
+            raise BundleError(f"{where}: label {label.name} includes {unknown}, which are not other labels' values")
+    return tuple(labels)
+
+
+def _triple(t: Table, key: str) -> tuple[float, float, float] | None:
+    value: tuple[float, float, float] | None = t.numbers(key, 3)
+    return value
+
+
+def _int_triple(t: Table, key: str, default: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    value = t.numbers(key, 3)
+    return default if value is None else (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _model(top: Table, labels: tuple[Label, ...]) -> tuple[ModelKind, str, Path | None, str, Table]:
+    """The ``[model]`` table: kind, built-in algorithm name, model file and its sha256."""
+    m = top.table("model", required=True)
+    kind = m.choice("kind", ModelKind, ModelKind.ONNX)
+    if kind is ModelKind.BUILTIN:
+        builtin = m.require("algorithm", str)
+        if builtin not in BUILTIN_ALGORITHMS:
+            raise m.fail("algorithm", f"is {builtin!r}; expected a built-in algorithm ({sorted(BUILTIN_ALGORITHMS)})")
+        produced = set(BUILTIN_ALGORITHMS[builtin])
+        unknown = sorted({label.value for label in labels} - produced)
+        if unknown:
+            raise BundleError(f"{top.source}: label values {unknown} are not produced by {builtin} "
+                              f"(it produces {sorted(produced)})")
+        return kind, builtin, None, "", m
+    directory = Path(top.source).parent
+    return kind, "", directory / m.require("file", str), m.require("sha256", str).lower(), m
+
+
+def _preprocess(p: Table) -> Preprocess:
+    median_size = p.get("median_size", int, 0)
+    if median_size < 0 or (median_size and median_size % 2 == 0):
+        raise p.fail("median_size", f"is {median_size}; expected 0 or an odd number")
+    clip = p.numbers("clip", 2, (-1024.0, 3071.0))
+    return Preprocess(
+        spacing_mm=_triple(p, "spacing_mm"),
+        clip=(clip[0], clip[1]),
+        scale=p.get("scale", float, 1.0),
+        offset=p.get("offset", float, 0.0),
+        orientation=_orientation(p, "orientation"),
+        intermediate_spacing_mm=_triple(p, "intermediate_spacing_mm"),
+        median_size=median_size,
+        crop=p.choice("crop", Crop, Crop.NONE),
+        crop_max_mm=_triple(p, "crop_max_mm"),
+    )
+
+
+def _window(w: Table) -> Window:
+    mode = w.choice("mode", WindowMode, WindowMode.SLIDING)
+    block = _int_triple(w, "block", None)
+    if mode is WindowMode.SINGLE_BLOCK and block is None:
+        raise w.fail("block", "is missing; mode 'single-block' needs block = [D, H, W]")
+    patch = _int_triple(w, "patch", (64, 64, 64))
+    assert patch is not None
+    return Window(
+        patch=patch,
+        overlap=w.get("overlap", float, 0.25),
+        batch=w.get("batch", int, 1),
+        mode=mode,
+        block=block,
+        output_margin=w.get("output_margin", int, 0),
+        pad_value=w.get("pad_value", float, None),
+    )
+
+
+def _gpu_options(g: Table) -> GpuOptions:
+    max_batch = g.get("max_batch", int, 0)
+    if max_batch < 0:
+        raise g.fail("max_batch", f"is {max_batch}; expected 0 (sized from memory) or a positive number")
+    return GpuOptions(
+        precision=g.choice("precision", PrecisionRequest, PrecisionRequest.AUTO),
+        max_batch=max_batch,
+        max_abs_difference=g.get("max_abs_difference", float, 0.05),
+        min_dice=g.get("min_dice", float, 0.99),
+    )
+
+
+def load_bundle(directory: Path) -> Bundle:
+    """Read and validate ``directory/manifest.toml``."""
+    manifest = directory / "manifest.toml"
+    try:
+        raw = tomllib.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{directory}: no manifest.toml in this bundle directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BundleError(f"{manifest}: not valid TOML ({exc})") from None
+    top = Table(raw, source=str(manifest), error=BundleError)
+    b = top.table("bundle", required=True)
+    s = top.table("select", required=True)
+    alg = top.table("algorithm", required=True)
+    labels = _labels(top)
+    kind, builtin, model_file, sha256, m = _model(top, labels)
+    # Sections a built-in algorithm does not need are optional for it.
+    network = kind is ModelKind.ONNX
+    p = top.table("preprocess", required=network)
+    w = top.table("window", required=network)
+    post = top.table("postprocess")
+    cov = top.table("coverage")
+    bundle = Bundle(
+        name=b.require("name", str),
+        version=b.require("version", str),
+        description=b.get("description", str, ""),
+        directory=directory,
+        model_kind=kind,
+        model_file=model_file,
+        model_sha256=sha256,
+        input_name=m.get("input", str, "image"),
+        output_name=m.get("output", str, "probabilities"),
+        activation=m.choice("activation", Activation, Activation.SOFTMAX),
+        builtin=builtin,
+        select=Selection(
+            modalities=tuple(s.require("modalities", list)),
+            sop_classes=tuple(s.get("sop_classes", list, [])),
+            min_slices=s.get("min_slices", int, 1),
+        ),
+        coverage=Coverage(
+            min_extent_mm=cov.get("min_extent_mm", float, 0.0),
+            max_slice_spacing_mm=cov.get("max_slice_spacing_mm", float, 0.0),
+            max_obliquity_deg=cov.get("max_obliquity_deg", float, 90.0),
+            min_body_width_mm=cov.get("min_body_width_mm", float, 0.0),
+        ),
+        preprocess=_preprocess(p),
+        window=_window(w),
+        postprocess=Postprocess(
+            largest_component=post.get("largest_component", bool, False),
+            fill_holes_2d=post.get("fill_holes_2d", bool, False),
+            min_volume_ml=post.get("min_volume_ml", float, 0.0),
+            threshold=post.get("threshold", float, 0.5),
+            open_model_grid=post.get("open_model_grid", bool, False),
+        ),
+        labels=labels,
+        algorithm_name=alg.require("name", str),
+        algorithm_family=_code(alg.table("family", required=True)),
+        enabled_by_default=b.get("enabled_by_default", bool, True),
+        gpu=_gpu_options(top.table("gpu")),
+    )
+    top.finish()
+    return bundle
+
+
+def verify_model(bundle: Bundle) -> None:
+    """Check the model file's sha256 against the manifest (built-in algorithms have no file)."""
+    if bundle.model_file is None:
+        return
+    try:
+        digest = hashlib.sha256(bundle.model_file.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise BundleError(f"bundle {bundle.name}: cannot read model file {bundle.model_file}: {exc}") from exc
+    if digest != bundle.model_sha256:
+        raise BundleError(
+            f"bundle {bundle.name}: {bundle.model_file.name} has sha256 {digest}, "
+            f"but manifest.toml says {bundle.model_sha256}"
+        )
+
+
+def discover_bundles(bundles_dir: Path, names: tuple[str, ...] = ()) -> list[Bundle]:
+    """Load the bundles named in ``names`` from ``bundles_dir`` — or, with no names, every bundle there
+    that is enabled by default — verifying model hashes."""
+    if not bundles_dir.is_dir():
+        raise BundleError(f"bundles directory {bundles_dir} does not exist")
+    found = {d.name: d for d in sorted(bundles_dir.iterdir()) if (d / "manifest.toml").is_file()}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise BundleError(f"bundle(s) {missing} not found in {bundles_dir}; available: {sorted(found)}")
+    if names:
+        bundles = [load_bundle(found[n]) for n in names]
+    else:
+        bundles = [b for b in (load_bundle(d) for d in found.values()) if b.enabled_by_default]
+    for bundle in bundles:
+        verify_model(bundle)
+    if not bundles:
+        raise BundleError(f"no bundles (directories with manifest.toml, enabled by default or named in "
+                          f"engines.bundles) in {bundles_dir}")
+    return bundles

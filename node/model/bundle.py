@@ -1,0 +1,144 @@
+"""A model bundle as the stages see it: what it applies to, how it is run, what it produces.
+
+Pure data: ``node.infer.manifest`` reads and validates ``engines/<name>/manifest.toml`` into these
+types; assembly (which bundles apply), inference (pre/post-processing, window, engine) and writing
+(labels, codes, colours) all take them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.model.enums import Activation, Crop, ModelKind, PrecisionRequest, WindowMode
+
+#: Built-in (rule-based) algorithms a bundle may name, and the label values each produces.
+BUILTIN_ALGORITHMS = {"body-lungs": (1, 2, 3)}
+#: RT ROI Interpreted Types (PS3.3 C.8.8.8) a label may declare.
+RT_ROI_TYPES = {"EXTERNAL", "ORGAN", "PTV", "CTV", "GTV", "AVOIDANCE", "CAVITY", "SUPPORT", "CONTROL", "MARKER"}
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: (scheme designator, code value, code meaning)."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Label:
+    value: int
+    name: str
+    category: Code
+    type: Code
+    color_rgb: tuple[int, int, int]
+    rt_roi_type: str  # one of RT_ROI_TYPES
+    #: Other label values whose voxels also belong to this structure (BODY includes the lungs): the
+    #: label volume holds each voxel's innermost structure, the writers give every structure its own mask.
+    includes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Selection:
+    modalities: tuple[str, ...]
+    sop_classes: tuple[str, ...]
+    min_slices: int
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    spacing_mm: tuple[float, float, float] | None  # (axis 0, 1, 2) target, None = native
+    clip: tuple[float, float]
+    scale: float
+    offset: float  # x' = (clip(x) + offset) * scale
+    #: Reorient to these patient directions first: three letters from L/R, A/P, S/I, the direction in which
+    #: each array axis increases (``"SAR"``: axis 0 inferior→superior, 1 posterior→anterior, 2 left→right).
+    #: None keeps the acquisition's (slice, row, column) axes.
+    orientation: str | None = None
+    #: Resample to this spacing and median-filter there before going to ``spacing_mm`` (None: skip).
+    intermediate_spacing_mm: tuple[float, float, float] | None = None
+    median_size: int = 0  # median filter size at the intermediate spacing (0: none)
+    crop: Crop = Crop.NONE  # ABDOMEN: the body's box, at most crop_max_mm, centred on the liver dome region
+    crop_max_mm: tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Window:
+    patch: tuple[int, int, int]
+    overlap: float
+    batch: int
+    mode: WindowMode = WindowMode.SLIDING
+    block: tuple[int, int, int] | None = None  # single-block input size
+    output_margin: int = 0  # the network's output is smaller than its input by this much per side
+    pad_value: float | None = None  # value outside the image, after normalisation (None: the clip minimum's)
+
+    @property
+    def network_input(self) -> tuple[int, int, int]:
+        """The spatial shape of one network input: the block in single-block mode, else the patch."""
+        if self.mode is WindowMode.SINGLE_BLOCK:
+            assert self.block is not None  # load_bundle requires a block in single-block mode
+            return self.block
+        return self.patch
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a series must be for this model to give a trustworthy answer; otherwise it is declined."""
+
+    min_extent_mm: float = 0.0  # along the slice normal
+    max_slice_spacing_mm: float = 0.0  # 0: no limit
+    max_obliquity_deg: float = 90.0  # angle between the slice normal and the patient's S-I axis
+    min_body_width_mm: float = 0.0  # widest body extent left-right (a head is ~150 mm, an abdomen ≥ 250 mm)
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    largest_component: bool
+    fill_holes_2d: bool
+    min_volume_ml: float
+    threshold: float = 0.5  # sigmoid outputs: probability above which a voxel is in the structure
+    open_model_grid: bool = False  # erode, keep the largest component, dilate — on the model's grid
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    """How a TensorRT plan of this model is built (see node/infer/gpu/plan.py)."""
+
+    precision: PrecisionRequest = PrecisionRequest.AUTO  # AUTO: FP16 on tensor cores, else FP32
+    max_batch: int = 0  # cap on the optimisation profile's tile batch; 0: sized from free GPU memory
+    #: Agreement with ONNX Runtime the plan must reach (node/infer/gpu/check.py and the GPU tests):
+    #: largest |difference| of a probability, and Dice of the label masks.
+    max_abs_difference: float = 0.05
+    min_dice: float = 0.99
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str
+    version: str
+    description: str
+    directory: Path
+    model_kind: ModelKind
+    model_file: Path | None  # None for built-in algorithms
+    model_sha256: str
+    input_name: str
+    output_name: str
+    activation: Activation
+    builtin: str  # the built-in algorithm's name when model_kind is BUILTIN
+    select: Selection
+    coverage: Coverage
+    preprocess: Preprocess
+    window: Window
+    postprocess: Postprocess
+    labels: tuple[Label, ...]
+    algorithm_name: str
+    algorithm_family: Code
+    #: Run when the configuration names no bundles; an example or test bundle says false.
+    enabled_by_default: bool = True
+    gpu: GpuOptions = GpuOptions()
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
