@@ -188,6 +188,10 @@ class NodeConfig:
     def index_path(self) -> Path:
         return self.state_dir / "index.sqlite3"
 
+    def job_result_dir(self, job_id: int) -> Path:
+        """Where job ``job_id`` writes its result objects (the worker) and what retention deletes."""
+        return self.results_dir / f"job-{job_id:08d}"
+
 
 def parse_destination(text: str, *, name: str | None = None, where: str = "--destination") -> Destination:
     """Parse ``AET@HOST:PORT`` into a :class:`Destination`."""

@@ -18,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 from node.config import NodeConfig
 from node.errors import Declined, NodeError
@@ -116,7 +115,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,  # type: ignore[n
                 paths,
                 bundle,
                 engine,
-                job_result_dir(cfg, job.id),
+                cfg.job_result_dir(job.id),
                 provenance=Provenance.now(cfg.ae_title),
                 write_seg=cfg.write_seg,
                 write_rtstruct=cfg.write_rtstruct,
@@ -248,6 +247,3 @@ def requeue_after_crash(index: Index) -> list[int]:
     """At service start no worker runs yet: every 'running' job was abandoned by a crash."""
     return index.requeue_running(max_attempts=MAX_JOB_ATTEMPTS, reason="the service stopped while this job ran")
 
-
-def job_result_dir(cfg: NodeConfig, job_id: int) -> Path:
-    return cfg.results_dir / f"job-{job_id:08d}"

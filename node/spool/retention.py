@@ -231,11 +231,8 @@ class Retention:
 
     def _delete(self, usage: SeriesUsage, *, not_after: float, now: float, report: PassReport, reason: str) -> int:
         """Delete one series (if still finished); return the bytes freed."""
-        # Imported here, not at the top: node.jobs.worker imports the whole pipeline (slow for `status`).
-        from node.jobs.worker import job_result_dir
-
         deleted = self.index.delete_series(usage.series_uid, not_after=not_after,
-                                           result_dir_of=lambda job_id: job_result_dir(self.cfg, job_id), now=now)
+                                           result_dir_of=self.cfg.job_result_dir, now=now)
         if deleted is None:
             return 0
         freed = deleted.spool_bytes + sum(tree_bytes(d) for d in deleted.dirs)

@@ -12,7 +12,6 @@ from pydicom import dcmread
 from node.config import NodeConfig, load_config
 from node.model.records import InstanceMeta, JobState, OutboxState, SeriesState
 from node.errors import ConfigError
-from node.jobs.worker import job_result_dir
 from node.service.daemon import Service
 from node.spool.index import Index
 from node.spool.retention import Retention, figures, tree_bytes
@@ -49,7 +48,7 @@ class State:
             return job_id
         job = self.index.claim_job("w", now=at)
         assert job is not None and job.id == job_id
-        result_dir = job_result_dir(self.cfg, job_id)
+        result_dir = self.cfg.job_result_dir(job_id)
         result_dir.mkdir(parents=True)
         (result_dir / "preview.png").write_bytes(b"p" * 100)
         if outcome == "running":
@@ -76,7 +75,7 @@ class State:
     def finished_series(self, uid: str, *, at: float, outcome: str = "sent") -> tuple[list[Path], Path]:
         files = self.receive(uid, at=at)
         job_id = self.segment(uid, at=at, outcome=outcome)
-        return files, job_result_dir(self.cfg, job_id)
+        return files, self.cfg.job_result_dir(job_id)
 
     def present(self, uid: str) -> bool:
         return self.index.series(uid) is not None
@@ -159,7 +158,7 @@ def test_over_max_spool_gb_the_oldest_finished_series_go_first(tmp_path: Path) -
     for n, uid in enumerate(["1.1", "1.2", "1.3", "1.4"]):
         state.finished_series(uid, at=NOW - (4 - n) * DAY)
         sizes[uid] = sum(p.stat().st_size for p in state.index.instance_paths(uid)) + tree_bytes(
-            job_result_dir(state.cfg, state.index.series_jobs(uid)[0].id))
+            state.cfg.job_result_dir(state.index.series_jobs(uid)[0].id))
     total = state.index.spool_bytes() + tree_bytes(state.cfg.results_dir)
     # Room for everything but the two oldest finished series (and half of another, as a margin).
     limit = total - sizes["1.1"] - sizes["1.2"] + sizes["1.3"] // 2
@@ -223,9 +222,9 @@ def _store_ct(state: State, tmp_path: Path, *, at: float) -> tuple[str, list[Pat
 def test_a_crash_between_rows_and_files_is_finished_at_start_not_resurrected(state: State, tmp_path: Path) -> None:
     """The service's real start-up path: pending deletions are finished before reconcile reads the spool."""
     uid, files = _store_ct(state, tmp_path, at=NOW - 8 * DAY)
-    results = job_result_dir(state.cfg, state.index.series_jobs(uid)[0].id)
+    results = state.cfg.job_result_dir(state.index.series_jobs(uid)[0].id)
     # The pass's transaction commits, then the node dies before removing a single file.
-    deleted = state.index.delete_series(uid, not_after=NOW, result_dir_of=lambda j: job_result_dir(state.cfg, j))
+    deleted = state.index.delete_series(uid, not_after=NOW, result_dir_of=state.cfg.job_result_dir)
     assert deleted is not None and sorted(deleted.files) == sorted(files) and results in deleted.dirs
     assert all(p.is_file() for p in files) and results.is_dir()
     state.index.close()
@@ -244,7 +243,7 @@ def test_a_crash_between_rows_and_files_is_finished_at_start_not_resurrected(sta
 
 def test_an_instance_received_again_during_a_deletion_keeps_its_file(state: State, tmp_path: Path) -> None:
     uid, files = _store_ct(state, tmp_path, at=NOW - 8 * DAY)
-    state.index.delete_series(uid, not_after=NOW, result_dir_of=lambda j: job_result_dir(state.cfg, j))
+    state.index.delete_series(uid, not_after=NOW, result_dir_of=state.cfg.job_result_dir)
     # Between the transaction and the removal the modality sends one instance again.
     again = dcmread(files[0], stop_before_pixels=True)
     meta = InstanceMeta(str(again.SOPInstanceUID), str(again.SOPClassUID), str(again.StudyInstanceUID), uid, "CT",
