@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
+from node.model.enums import DestinationType, EngineBackend, SegType
+from node.model.tables import Table
 
 #: Where the bundled model bundles live in a source checkout / editable install.
 DEFAULT_BUNDLES_DIR = Path(__file__).resolve().parents[1] / "engines"
@@ -24,13 +26,18 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 chars of the defau
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives our results by C-STORE."""
+    """A peer that receives our results; ``type`` names the transport (node/send/transports) that
+    delivers them. ``DICOM``: C-STORE to ``ae_title`` at ``host:port``."""
 
     name: str
     ae_title: str
     host: str
     port: int
     tls: bool = False  # associate over TLS, presenting the node's certificate (see :class:`TlsConfig`)
+    type: DestinationType = DestinationType.DICOM
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", DestinationType(self.type))  # a string becomes the enum here
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
@@ -130,14 +137,10 @@ def parse_allowed_peer(value: Any, where: str) -> AllowedPeer:
     if address is None:
         raise ConfigError(
             f"{where}: entry {value!r} binds the AE title to {host!r}, which is not an IPv4 or IPv6 address "
-            "(write \"AE\" for any address or \"AE@IP\", for example \"CT_SCANNER1@10.0.0.5\"; host names are not accepted)"
+            "(write \"AE\" for any address or \"AE@IP\", for example \"CT_SCANNER1@10.0.0.5\"; "
+            "host names are not accepted)"
         )
     return AllowedPeer(_ae_title(title, where), address)
-
-
-#: "cpu": ONNX Runtime only; "auto": TensorRT when a GPU, pycuda and TensorRT are there, else ONNX
-#: Runtime (the reason logged once); "tensorrt": the GPU or nothing (the service does not start without it).
-ENGINE_BACKENDS = ("auto", "cpu", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class NodeConfig:
     release_settle_s: float = 2.0
     bundles_dir: Path = DEFAULT_BUNDLES_DIR
     bundles: tuple[str, ...] = ()
-    engine_backend: str = "auto"  # "auto": TensorRT on the GPU when there is one, else ONNX Runtime on the CPU
+    engine_backend: EngineBackend = EngineBackend.AUTO  # AUTO: the GPU when there is one, else the CPU
     engine_threads: int = 0
     gpu_index: int = 0
     destinations: tuple[Destination, ...] = ()
@@ -167,7 +170,7 @@ class NodeConfig:
     send_timeout_s: float = 30.0
     write_seg: bool = True
     write_rtstruct: bool = True
-    seg_type: str = "BINARY"
+    seg_type: SegType = SegType.BINARY
     preview_png: bool = False
     preview_sc: bool = False
     retention_keep_days: float = 7.0
@@ -175,6 +178,12 @@ class NodeConfig:
     retention_interval_s: float = 300.0
     tls: TlsConfig = TlsConfig()
     source: str = "(embedded defaults)"
+
+    def __post_init__(self) -> None:
+        # Code that builds a NodeConfig directly (tests, tools) may pass strings: they become enums here,
+        # so everything below compares members.
+        object.__setattr__(self, "engine_backend", EngineBackend(self.engine_backend))
+        object.__setattr__(self, "seg_type", SegType(self.seg_type))
 
     @property
     def spool_dir(self) -> Path:
@@ -216,41 +225,6 @@ def _port(value: Any, where: str) -> int:
     return value
 
 
-class _Table:
-    """A TOML table with typed getters that raise ConfigError naming key and file."""
-
-    def __init__(self, data: dict[str, Any], prefix: str, source: str) -> None:
-        self.data = dict(data)
-        self.prefix = prefix
-        self.source = source
-
-    def where(self, key: str) -> str:
-        return f"{self.source}: key '{self.prefix}{key}'"
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        if key not in self.data:
-            return default
-        value = self.data.pop(key)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{self.where(key)} is {value!r}; expected {names}")
-        return value
-
-    def positive(self, key: str, default: float, *, integer: bool = False, allow_zero: bool = False) -> Any:
-        value = self.get(key, int if integer else float, default)
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"{self.where(key)} is {value!r}; expected a {'non-negative' if allow_zero else 'positive'} number")
-        return value
-
-    def finish(self) -> None:
-        if self.data:
-            unknown = ", ".join(f"'{self.prefix}{k}'" for k in sorted(self.data))
-            raise ConfigError(f"{self.source}: unknown key(s) {unknown}")
-
-
 def load_config(path: Path | None) -> NodeConfig:
     """Read and validate a TOML config; ``None`` gives the embedded defaults."""
     if path is None:
@@ -268,18 +242,16 @@ def load_config(path: Path | None) -> NodeConfig:
 def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> NodeConfig:
     """Validate a parsed TOML document. Relative paths are relative to the file's folder."""
     defaults = NodeConfig()
-    top = _Table(raw, "", source)
-    node = _Table(top.get("node", dict, {}), "node.", source)
-    assemble = _Table(top.get("assemble", dict, {}), "assemble.", source)
-    engines = _Table(top.get("engines", dict, {}), "engines.", source)
-    send = _Table(top.get("send", dict, {}), "send.", source)
-    output = _Table(top.get("output", dict, {}), "output.", source)
-    retention = _Table(top.get("retention", dict, {}), "retention.", source)
-    tls = _Table(top.get("tls", dict, {}), "tls.", source)
-    dest_list = top.get("destinations", list, [])
-    top.finish()
+    top = Table(raw, source=source, error=ConfigError)
+    node = top.table("node")
+    assemble = top.table("assemble")
+    engines = top.table("engines")
+    send = top.table("send")
+    output = top.table("output")
+    retention = top.table("retention")
+    tls = top.table("tls")
 
-    def path_value(table: _Table, key: str, default: Any) -> Any:
+    def path_value(table: Table, key: str, default: Any) -> Any:
         value = table.get(key, str, None)
         if value is None:
             return default
@@ -290,6 +262,9 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     port = _port(node.get("port", int, defaults.port), node.where("port"))
     allowed = node.get("allowed_calling_aes", list, [])
     allowed_titles = tuple(parse_allowed_peer(a, node.where("allowed_calling_aes")) for a in allowed)
+    bundles = engines.get("bundles", list, [])
+    if not all(isinstance(b, str) for b in bundles):
+        raise engines.fail("bundles", f"is {bundles!r}; expected a list of bundle names (strings)")
     cfg = NodeConfig(
         ae_title=ae_title,
         port=port,
@@ -305,18 +280,18 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         quiet_period_s=assemble.positive("quiet_period_s", defaults.quiet_period_s),
         release_settle_s=assemble.positive("release_settle_s", defaults.release_settle_s, allow_zero=True),
         bundles_dir=path_value(engines, "bundles_dir", defaults.bundles_dir),
-        bundles=tuple(engines.get("bundles", list, [])),
-        engine_backend=engines.get("backend", str, defaults.engine_backend),
+        bundles=tuple(bundles),
+        engine_backend=engines.choice("backend", EngineBackend, defaults.engine_backend),
         engine_threads=engines.positive("threads", defaults.engine_threads, integer=True, allow_zero=True),
         gpu_index=engines.positive("gpu_index", defaults.gpu_index, integer=True, allow_zero=True),
-        destinations=tuple(_destination(d, i, source) for i, d in enumerate(dest_list)),
+        destinations=tuple(_destination(t) for t in top.tables("destinations")),
         send_max_attempts=send.positive("max_attempts", defaults.send_max_attempts, integer=True),
         send_backoff_initial_s=send.positive("backoff_initial_s", defaults.send_backoff_initial_s),
         send_backoff_max_s=send.positive("backoff_max_s", defaults.send_backoff_max_s),
         send_timeout_s=send.positive("timeout_s", defaults.send_timeout_s),
         write_seg=output.get("seg", bool, defaults.write_seg),
         write_rtstruct=output.get("rtstruct", bool, defaults.write_rtstruct),
-        seg_type=output.get("seg_type", str, defaults.seg_type),
+        seg_type=output.choice("seg_type", SegType, defaults.seg_type),
         preview_png=output.get("preview_png", bool, defaults.preview_png),
         preview_sc=output.get("preview_sc", bool, defaults.preview_sc),
         retention_keep_days=retention.positive("keep_days", defaults.retention_keep_days),
@@ -331,36 +306,23 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         ),
         source=source,
     )
-    for table in (node, assemble, engines, send, output, retention, tls):
-        table.finish()
+    top.finish()
     _check_tls(cfg.tls, [d.name for d in cfg.destinations if d.tls], source)
-    if cfg.engine_backend not in ENGINE_BACKENDS:
-        raise ConfigError(f"{source}: key 'engines.backend' is {cfg.engine_backend!r}; expected one of "
-                          f"{', '.join(repr(b) for b in ENGINE_BACKENDS)}")
-    if cfg.seg_type not in ("BINARY", "LABELMAP"):
-        raise ConfigError(f"{source}: key 'output.seg_type' is {cfg.seg_type!r}; expected 'BINARY' or 'LABELMAP'")
-    if not all(isinstance(b, str) for b in cfg.bundles):
-        raise ConfigError(f"{source}: key 'engines.bundles' must be a list of bundle names (strings)")
     names = [d.name for d in cfg.destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: destination names must be unique; got {names}")
     return cfg
 
 
-def _destination(raw: Any, index: int, source: str) -> Destination:
-    prefix = f"destinations[{index}]."
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: key 'destinations[{index}]' is {raw!r}; expected a table")
-    table = _Table(raw, prefix, source)
-    aet = _ae_title(table.get("ae_title", str, None), table.where("ae_title"))
+def _destination(table: Table) -> Destination:
+    kind = table.choice("type", DestinationType, DestinationType.DICOM)
+    aet = _ae_title(table.require("ae_title", str), table.where("ae_title"))
     host = table.get("host", str, None)
     if not host:
-        raise ConfigError(f"{table.where('host')} is missing; expected a host name or address")
-    port = _port(table.get("port", int, None), table.where("port"))
-    name = table.get("name", str, aet.lower())
-    tls = table.get("tls", bool, False)
-    table.finish()
-    return Destination(name=name, ae_title=aet, host=host, port=port, tls=tls)
+        raise table.fail("host", "is missing; expected a host name or address")
+    port = _port(table.require("port", int), table.where("port"))
+    return Destination(name=table.get("name", str, aet.lower()), ae_title=aet, host=host, port=port,
+                       tls=table.get("tls", bool, False), type=kind)
 
 
 def _check_tls(tls: TlsConfig, tls_destinations: list[str], source: str) -> None:

@@ -17,6 +17,7 @@ from node.errors import Declined, VolumeError
 from node.infer.engine import Engine
 from node.infer.segment import segment_volume
 from node.model.bundle import Bundle
+from node.model.enums import SegType
 from node.model.volume import Volume
 from node.write.files import WrittenObject, write_preview, write_results
 from node.write.provenance import Provenance
@@ -97,7 +98,7 @@ def run_job(
     write_rtstruct: bool = True,
     preview_png: bool = False,
     preview_sc: bool = False,
-    seg_type: str = "BINARY",
+    seg_type: SegType = SegType.BINARY,
     derive_missing_uids: bool = False,
 ) -> JobOutcome:
     """Read, assemble, segment and write one series with one bundle; return what was written."""

@@ -21,10 +21,12 @@ from multiprocessing.process import BaseProcess
 
 from node.config import NodeConfig
 from node.errors import Declined, NodeError
+from node.infer.backends.loader import EngineLoader
+from node.infer.backends.registry import LAST_RESORT
 from node.infer.manifest import discover_bundles
-from node.jobs.engines import EngineFactory
 from node.jobs.pipeline import run_job
 from node.model.bundle import Bundle
+from node.model.enums import EngineBackend
 from node.model.records import JobState
 from node.spool.index import Index
 from node.write.provenance import Provenance
@@ -44,10 +46,11 @@ def restart_config(cfg: NodeConfig, load_crashes: int, last_exit: int | None) ->
     if load_crashes < LOAD_CRASH_LIMIT:
         return cfg, None
     what = f"died {load_crashes} times while loading its engines (last exit code {last_exit})"
-    if cfg.engine_backend == "auto":
-        log.error("a worker %s; restarting it with ONNX Runtime on the CPU (engines.backend 'auto' → 'cpu')", what)
-        return dataclasses.replace(cfg, engine_backend="cpu"), None
-    return cfg, f"a worker {what} under engines.backend = {cfg.engine_backend!r}"
+    if cfg.engine_backend is EngineBackend.AUTO:
+        log.error("a worker %s; restarting it on %r (engines.backend 'auto' → %r)", what, str(LAST_RESORT),
+                  str(LAST_RESORT))
+        return dataclasses.replace(cfg, engine_backend=LAST_RESORT), None
+    return cfg, f"a worker {what} under engines.backend = {str(cfg.engine_backend)!r}"
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class EngineReport:
     failed: dict[str, str]
 
 
-def load_engines(factory: EngineFactory, bundles: dict[str, Bundle], worker: str) -> EngineReport:
+def load_engines(factory: EngineLoader, bundles: dict[str, Bundle], worker: str) -> EngineReport:
     """Load (deserialise, or build first) every bundle's engine, so jobs never wait for one and the
     service reports ready only once they are loaded."""
     loaded: dict[str, str] = {}
@@ -94,7 +97,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,  # type: ignore[n
     cfg = spec.cfg
     index = Index(cfg.index_path)
     bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
-    factory = EngineFactory(cfg)
+    factory = EngineLoader.from_config(cfg)
     reports.put(load_engines(factory, bundles, spec.name))
     destinations = [d.name for d in cfg.destinations]
     while not stop.is_set() and not terminating:

@@ -23,6 +23,7 @@ from node.assemble.stable import Assembler
 from node.config import NodeConfig
 from node.dicom.scp import Receiver
 from node.errors import ConfigError
+from node.infer.backends.registry import is_strict
 from node.infer.manifest import discover_bundles
 from node.jobs.worker import WorkerPool, requeue_after_crash
 from node.send.outbox import Sender
@@ -130,7 +131,7 @@ class Service:
 
     def _check_engines(self) -> bool:
         """True once every worker reported its engines (then READY=1 is sent, once); stops the service
-        when ``engines.backend = "tensorrt"`` and an engine could not be had on the GPU."""
+        when ``engines.backend`` names a strict backend ("tensorrt") and an engine could not be had on it."""
         self.workers.collect_reports()
         if not self.workers.all_reported():
             if time.monotonic() - self._last_extend >= 30:
@@ -141,11 +142,11 @@ class Service:
         reports = list(self.workers.reports.values())
         engines = reports[0].engines if reports else {}
         failed = {b: why for r in reports for b, why in r.failed.items()}
-        if failed and self.cfg.engine_backend == "tensorrt":
+        if failed and is_strict(self.cfg.engine_backend):
             for bundle, why in failed.items():
                 log.error("%s: %s", bundle, why)
-            self._stop_with_error(f"engines.backend is 'tensorrt' and {len(failed)} engine(s) could not be loaded "
-                                  "on the GPU")
+            self._stop_with_error(f"engines.backend is {str(self.cfg.engine_backend)!r} and {len(failed)} engine(s) "
+                                  "could not be loaded on it")
             return True
         for bundle, why in failed.items():
             log.error("bundle %s has no engine; its jobs will fail: %s", bundle, why)

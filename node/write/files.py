@@ -11,6 +11,7 @@ from pathlib import Path
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from node.model.enums import SegType
 from node.spool.store import durable_write
 from node.write.preview import build_preview_sc, render_montage
 from node.write.result import Result
@@ -63,7 +64,7 @@ def save_dataset(ds: Dataset, path: Path) -> None:
     durable_write(path, encode_dataset(ds), tmp_dir=path.parent)
 
 
-def _write_seg(result: Result, out_dir: Path, seg_type: str) -> WrittenObject:
+def _write_seg(result: Result, out_dir: Path, seg_type: SegType) -> WrittenObject:
     seg = build_seg(result, seg_type=seg_type)
     path = out_dir / f"SEG_{result.uids.seg_instance}.dcm"
     save_dataset(seg, path)
@@ -71,7 +72,7 @@ def _write_seg(result: Result, out_dir: Path, seg_type: str) -> WrittenObject:
 
 
 def write_results(
-    result: Result, out_dir: Path, *, write_seg: bool = True, write_rtstruct: bool = True, seg_type: str = "BINARY"
+    result: Result, out_dir: Path, *, write_seg: bool = True, write_rtstruct: bool = True, seg_type: SegType = SegType.BINARY
 ) -> list[WrittenObject]:
     """Build and durably save the SEG and the RTSTRUCT of one result.
 

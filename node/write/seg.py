@@ -37,6 +37,7 @@ from pydicom.valuerep import DS, format_number_as_ds
 
 from node.errors import WriteError
 from node.model.bundle import Code
+from node.model.enums import SegType
 from node.write.encoding import Encoder, pydicom_bytes, raw_sequence
 from node.write.provenance import MANUFACTURER
 from node.write.result import Result
@@ -98,9 +99,9 @@ def _members(result: Result) -> dict[int, tuple[int, ...]]:
     }
 
 
-def _highdicom_pixels(segments: np.ndarray, members: dict[int, tuple[int, ...]], seg_type: str) -> np.ndarray:
+def _highdicom_pixels(segments: np.ndarray, members: dict[int, tuple[int, ...]], seg_type: SegType) -> np.ndarray:
     """What highdicom takes: the label volume, or with overlapping BINARY segments one plane per segment."""
-    if seg_type == "LABELMAP" or all(len(m) == 1 for m in members.values()):
+    if seg_type is SegType.LABELMAP or all(len(m) == 1 for m in members.values()):
         return segments
     stack = np.empty((*segments.shape, len(members)), dtype=bool)
     for i, number in enumerate(sorted(members)):
@@ -111,13 +112,13 @@ def _highdicom_pixels(segments: np.ndarray, members: dict[int, tuple[int, ...]],
 
 
 def _highdicom_seg(result: Result, source_images: Sequence[Dataset], segments: np.ndarray,
-                   descriptions: list[hd.seg.SegmentDescription], seg_type: str) -> hd.seg.Segmentation:
+                   descriptions: list[hd.seg.SegmentDescription], seg_type: SegType) -> hd.seg.Segmentation:
     bundle, uids, provenance = result.bundle, result.uids, result.provenance
     try:
         return hd.seg.Segmentation(
             source_images=source_images,
             pixel_array=segments,
-            segmentation_type=hd.seg.SegmentationTypeValues(seg_type),
+            segmentation_type=hd.seg.SegmentationTypeValues(seg_type.value),
             segment_descriptions=descriptions,
             series_instance_uid=uids.seg_series,
             series_number=SEG_SERIES_NUMBER,
@@ -146,8 +147,9 @@ def _finish(seg: Dataset, result: Result) -> Dataset:
     return seg
 
 
-def build_seg_highdicom(result: Result, *, seg_type: str = "BINARY") -> Dataset:
+def build_seg_highdicom(result: Result, *, seg_type: SegType = SegType.BINARY) -> Dataset:
     """The whole SEG built by highdicom (the reference :func:`build_seg` must equal; ~3 s for 1,200 frames)."""
+    seg_type = SegType(seg_type)  # a caller may pass the string
     descriptions, segments = _descriptions(result)
     pixels = _highdicom_pixels(segments, _members(result), seg_type)
     return _finish(_highdicom_seg(result, result.volume.headers, pixels, descriptions, seg_type), result)
@@ -309,8 +311,9 @@ def _check(what: str, ours: bytes, theirs: bytes) -> None:
         raise _Mismatch(f"{what} differs from highdicom's at byte {at} of {len(theirs)}")
 
 
-def build_seg(result: Result, *, seg_type: str = "BINARY") -> Dataset:
+def build_seg(result: Result, *, seg_type: SegType = SegType.BINARY) -> Dataset:
     """Build the SEG for ``result`` (labels in the same shape and slice order as its volume)."""
+    seg_type = SegType(seg_type)  # a caller may pass the string
     headers = result.volume.headers
     descriptions, segments = _descriptions(result)
     if len(headers) <= TEMPLATE_SLICES:
@@ -329,7 +332,7 @@ def build_seg(result: Result, *, seg_type: str = "BINARY") -> Dataset:
     members = _members(result)
     template = _highdicom_seg(result, headers[:TEMPLATE_SLICES],
                               _highdicom_pixels(segments[:TEMPLATE_SLICES], members, seg_type), descriptions, seg_type)
-    binary = seg_type != "LABELMAP"
+    binary = seg_type is not SegType.LABELMAP
     numbers = [int(d.SegmentNumber) for d in descriptions] if binary else None
     bits = int(template.BitsAllocated)
     orientation = [float(v) for v in iop]

@@ -1,4 +1,4 @@
-"""ONNX Runtime CPU backend."""
+"""ONNX Runtime on the CPU: the backend that runs everywhere, and the reference the others are checked against."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from node.errors import InferenceError
+from node.infer.backends.base import BackendSettings, LoadedEngine
 from node.infer.engine import BackendStatus
+from node.model.bundle import Bundle
+from node.model.enums import EngineBackend
 
 
 def status() -> BackendStatus:
@@ -53,3 +56,35 @@ class OnnxRuntimeEngine:
         except Exception as exc:
             raise InferenceError(f"ONNX Runtime failed on a batch of shape {tiles.shape}: {exc}") from exc
         return np.asarray(out, dtype=np.float32)
+
+
+class _OnnxRuntimeSession:
+    def __init__(self, settings: BackendSettings) -> None:
+        self.threads = settings.threads
+
+    def engine(self, bundle: Bundle) -> LoadedEngine:
+        assert bundle.model_file is not None  # built-in algorithms never reach a backend
+        engine = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name,
+                                   threads=self.threads)
+        return LoadedEngine(engine, "ONNX Runtime on the CPU")
+
+    def close(self) -> None:
+        pass
+
+
+class OnnxRuntimeBackend:
+    """``engines.backend = "cpu"``, and the last resort of ``"auto"``."""
+
+    name = EngineBackend.CPU
+    label = "ONNX Runtime on the CPU"
+    runs = "ONNX Runtime runs on the CPU"
+    strict = False
+
+    def status(self) -> BackendStatus:
+        return status()
+
+    def open(self, settings: BackendSettings) -> _OnnxRuntimeSession:
+        found = status()
+        if not found.available:
+            raise InferenceError(found.detail)
+        return _OnnxRuntimeSession(settings)

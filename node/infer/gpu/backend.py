@@ -1,11 +1,13 @@
-"""The GPU backend: whether it can run here, and a TensorRT engine for a bundle (built or cached).
+"""The GPU backend's work: whether it can run here, and a TensorRT engine for a bundle (built or cached).
 
-``GpuSession.engine`` is the one entry point the worker uses (through node.jobs.engines): it reads the GPU's profile, decides the
-precision and the tile batch (:mod:`node.infer.gpu.plan`), converts the ONNX model to that precision
+``GpuSession.engine`` is the one entry point the worker uses (through the registered TensorRT
+backend, :mod:`node.infer.backends.tensorrt`): it reads the GPU's profile, decides the precision and
+the tile batch (:mod:`node.infer.gpu.plan`), converts the ONNX model to that precision
 (:mod:`node.infer.gpu.mixed_precision`), gets the plan from the cache or builds it
 (:mod:`node.infer.gpu.plan_cache`, :mod:`node.infer.gpu.trt_build`) and deserialises it
-(:mod:`node.infer.gpu.trt_engine`). Any failure is an :class:`InferenceError` whose message says what is
-missing or what failed; the caller falls back to ONNX Runtime on the CPU with that message.
+(:mod:`node.infer.gpu.trt_engine`). Any failure is an :class:`InferenceError` whose message says what
+is missing or what failed; under ``engines.backend = "auto"`` the loader goes on to the next backend
+with that message.
 """
 
 from __future__ import annotations

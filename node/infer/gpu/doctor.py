@@ -26,7 +26,7 @@ from node.infer.gpu.profile import GpuProfile, read_profile
 from node.infer.transforms import model_grid_shape
 from node.infer.window import tile_grid
 from node.model.bundle import Bundle
-from node.model.enums import WindowMode
+from node.model.enums import EngineBackend, WindowMode
 
 #: The volume "per volume" figures refer to: a 300-slice abdominal CT, 512 x 512, 1.0 x 0.8 x 0.8 mm.
 REFERENCE_SHAPE = (300, 512, 512)
@@ -112,7 +112,7 @@ class DoctorReport:
     verdict: str
 
 
-def doctor(bundles: list[Bundle], *, backend: str, state_dir: Path | None, profile_path: Path | None = None,
+def doctor(bundles: list[Bundle], *, backend: EngineBackend, state_dir: Path | None, profile_path: Path | None = None,
            gpu_index: int = 0) -> DoctorReport:
     backends = [onnxruntime_status(), tensorrt_status(), pycuda_status(), nvml_status()]
     status = {b.name: b for b in backends}
@@ -130,7 +130,7 @@ def doctor(bundles: list[Bundle], *, backend: str, state_dir: Path | None, profi
     trt_version = status["tensorrt"].detail.removeprefix("TensorRT ") if status["tensorrt"].available else "(not installed)"
     rows = [bundle_row(b, gpu, trt_version, state_dir if profile_path is None else None) for b in bundles] if gpu else []
     missing = [b.detail for b in backends[1:3] if not b.available]
-    if backend == "cpu":
+    if backend is EngineBackend.CPU:
         verdict = "engines.backend is 'cpu': every model runs on ONNX Runtime on the CPU; the GPU is not used."
     elif profile_path is None and gpu is not None and not missing:
         verdict = "TensorRT on the GPU: plans are built at the first start (or by `engines build`) and cached."
@@ -138,6 +138,6 @@ def doctor(bundles: list[Bundle], *, backend: str, state_dir: Path | None, profi
         reasons = "; ".join(missing or [problem]) or "no GPU"
         if profile_path is not None:
             reasons = f"the GPU above is a recorded profile, not this machine's; here: {reasons}"
-        verdict = (f"ONNX Runtime on the CPU, because {reasons}." if backend == "auto"
+        verdict = (f"ONNX Runtime on the CPU, because {reasons}." if backend is EngineBackend.AUTO
                    else f"engines.backend is 'tensorrt' and the service will not start: {reasons}.")
     return DoctorReport(backends, gpu, problem, profile_path is not None, rows, verdict)

@@ -17,6 +17,7 @@ from enum import Enum
 from node.errors import InferenceError
 from node.infer.gpu.profile import GpuProfile
 from node.infer.model_cost import ModelCost
+from node.model.enums import PrecisionRequest
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -41,16 +42,13 @@ class Precision(str, Enum):
         return 4 if self is Precision.FP32 else 2
 
 
-PRECISION_REQUESTS = ("auto", "fp32", "fp16", "bf16")
-
-
 @dataclass(frozen=True)
 class PrecisionChoice:
     precision: Precision
     reason: str
 
 
-def choose_precision(gpu: GpuProfile, requested: str = "auto") -> PrecisionChoice:
+def choose_precision(gpu: GpuProfile, requested: PrecisionRequest | str = PrecisionRequest.AUTO) -> PrecisionChoice:
     """The build precision for ``gpu``: FP16 on tensor cores (7.0+), BF16 only when asked and 8.0+,
     FP32 without tensor cores.
 
@@ -58,16 +56,19 @@ def choose_precision(gpu: GpuProfile, requested: str = "auto") -> PrecisionChoic
     7, and :mod:`node.infer.gpu.mixed_precision` keeps the operations that overflow FP16's range
     (normalisations, reductions, exponentials) in FP32.
     """
-    if requested not in PRECISION_REQUESTS:
-        raise InferenceError(f"precision {requested!r} is not one of {', '.join(PRECISION_REQUESTS)}")
+    try:
+        requested = PrecisionRequest(requested)
+    except ValueError:
+        raise InferenceError(f"precision {requested!r} is not one of "
+                             f"{', '.join(str(r) for r in PrecisionRequest)}") from None
     cc = gpu.cc_text
-    if requested == "fp32":
+    if requested is PrecisionRequest.FP32:
         return PrecisionChoice(Precision.FP32, "FP32, as the bundle asks")
     if not gpu.has_tensor_cores:
-        why = "asks for " + requested.upper() if requested != "auto" else "would use FP16"
+        why = "asks for " + requested.upper() if requested is not PrecisionRequest.AUTO else "would use FP16"
         return PrecisionChoice(Precision.FP32, f"FP32: {gpu.name} (compute capability {cc}) has no tensor cores "
                                                f"(the bundle {why})")
-    if requested == "bf16":
+    if requested is PrecisionRequest.BF16:
         if gpu.supports_bf16:
             return PrecisionChoice(Precision.BF16, f"BF16 on tensor cores (compute capability {cc}), as the bundle asks")
         return PrecisionChoice(Precision.FP16, f"FP16: the bundle asks for BF16, which needs compute capability 8.0; "
