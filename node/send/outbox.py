@@ -2,8 +2,10 @@
 
 Rows come from the index (written there in the same transaction that finished the job), so a
 crash between writing and sending loses nothing: at restart the pending rows are simply sent.
-Each attempt's DIMSE status is recorded; after ``send_max_attempts`` a row becomes dead (a dead
-letter that ``retry`` resends).
+Each attempt's status (DIMSE, or whatever the destination's transport reports) is recorded; after
+``send_max_attempts``, or at once when the transport says retrying cannot help, a row becomes dead (a
+dead letter that ``retry`` resends). Delivery itself is the transport's (node/send/transports), chosen
+by the destination's ``type``: retries, backoff and dead letters are the same for every transport.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import time
 from collections import defaultdict
 
 from node.config import Destination, NodeConfig
-from node.dicom.scu import store_files
 from node.errors import SendError
 from node.model.records import OutboxItem
+from node.send.transports.base import Outcome, Transport
+from node.send.transports.registry import make_transports
 from node.spool.index import Index
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,14 @@ class Sender:
         self.cfg = cfg
         self.index = index
         self.destinations = {d.name: d for d in cfg.destinations}
+        self.transports = make_transports(cfg)
+
+    def _transport(self, destination: Destination) -> Transport:
+        transport = self.transports.get(destination.type)
+        if transport is None:
+            raise SendError(f"destination {destination.name!r} has type {str(destination.type)!r}, "
+                            f"for which no transport is registered")
+        return transport
 
     def poll(self) -> int:
         """Send everything that is due; return how many objects were acknowledged."""
@@ -43,7 +54,8 @@ class Sender:
             destination = self.destinations.get(name)
             if destination is None:
                 for item in items:
-                    self.index.mark_attempt_failed(item.id, f"destination {name!r} is no longer configured", retry_at=None)
+                    self.index.mark_attempt_failed(item.id, f"destination {name!r} is no longer configured",
+                                                   retry_at=None)
                 continue
             sent += self._send(destination, items)
         return sent
@@ -62,10 +74,7 @@ class Sender:
         if not items:
             return 0
         try:
-            results = store_files(
-                destination, [i.path for i in items], calling_aet=self.cfg.ae_title,
-                timeout_s=self.cfg.send_timeout_s, tls=self.cfg.tls,
-            )
+            results = self._transport(destination).send(destination, [i.path for i in items])
         except (SendError, OSError) as exc:
             for item in items:
                 retry_at = self._retry_at(item)
@@ -75,13 +84,13 @@ class Sender:
                         len(items), destination, items[0].attempts + 1, exc, delay)
             return 0
         sent = 0
-        for item, result in zip(items, results):
-            if result.ok:
+        for item, result in zip(items, results, strict=True):
+            if result.outcome is Outcome.DELIVERED:
                 self.index.mark_sent(item.id, result.description)
                 sent += 1
                 log.info("sent %s to %s: %s", item.sop_instance_uid, destination, result.description)
             else:
-                retry_at = self._retry_at(item)
+                retry_at = self._retry_at(item) if result.outcome is Outcome.RETRYABLE else None
                 self.index.mark_attempt_failed(item.id, result.description, retry_at=retry_at)
                 log.warning("%s refused %s: %s (%s)", destination, item.sop_instance_uid, result.description,
                             "giving up" if retry_at is None else "will retry")
