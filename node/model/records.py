@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class SeriesState(str, enum.Enum):
+class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"  # instances still arriving (or not yet quiet)
     DISPATCHED = "dispatched"  # stable; jobs created for the bundles that apply
     IGNORED = "ignored"  # stable; no bundle applies (recorded with the reason)
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"  # results written and queued in the outbox
@@ -21,7 +21,7 @@ class JobState(str, enum.Enum):
     DECLINED = "declined"  # the bundle does not apply to this series (coverage, anatomy); reason recorded
 
 
-class OutboxState(str, enum.Enum):
+class OutboxState(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"  # gave up after max attempts or a permanent refusal

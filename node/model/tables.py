@@ -144,7 +144,8 @@ class Table:
             for k in unknown:
                 close = difflib.get_close_matches(k, sorted(self._asked), n=1, cutoff=0.6)
                 if close:
-                    hints.append(f"'{self.prefix}{close[0]}'" + ("" if len(unknown) == 1 else f" for '{self.prefix}{k}'"))
+                    which = "" if len(unknown) == 1 else f" for '{self.prefix}{k}'"
+                    hints.append(f"'{self.prefix}{close[0]}'{which}")
             hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
             known = ", ".join(sorted(self._asked))
             raise self.error(f"{self.source}: unknown key(s) {names}{hint}; "

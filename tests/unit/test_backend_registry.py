@@ -81,7 +81,8 @@ def test_a_registered_backend_is_used_first_under_auto(monkeypatch: pytest.Monke
     bundle = load_bundle(ENGINES / "body-threshold")
     loaded = EngineLoader(EngineBackend.AUTO, BackendSettings(tmp_path)).get(bundle)
     assert loaded.description == "zeros for body-threshold"
-    assert loaded.engine is not None and loaded.engine.run(np.ones((1, 1, 4, 4, 4), np.float32)).shape == (1, 2, 4, 4, 4)
+    assert loaded.engine is not None
+    assert loaded.engine.run(np.ones((1, 1, 4, 4, 4), np.float32)).shape == (1, 2, 4, 4, 4)
 
 
 def test_an_unavailable_backend_falls_through_once_with_its_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -48,7 +48,8 @@ def test_config_unknown_key_names_file_table_key_and_suggests(tmp_path: Path) ->
     text = str(err.value)
     assert text.startswith(f"{path}: unknown key(s) 'engines.bakend'") and "'engines.backend'" in text
     path.write_text('[[destinations]]\nae_title = "PACS"\nhost = "h"\nport = 104\ntsl = true\n')
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'destinations\[0\].tsl' \(did you mean 'destinations\[0\].tls'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown key\(s\) 'destinations\[0\].tsl' \(did you mean 'destinations\[0\].tls'\?\)"):
         load_config(path)
 
 
