@@ -21,6 +21,7 @@ from pydicom.uid import (
 
 from node.dicom.framing import FramingError, scan
 from node.dicom.scp import DatasetMismatch, HeaderError, read_instance_meta, uid_problem
+from node.model.records import InstanceMeta
 from tests.harness.malformed import split_file, walk_explicit_le
 from tests.harness.synthetic_ct import write_ct_series
 
@@ -61,7 +62,7 @@ def test_every_encoding_of_a_good_dataset_passes_and_yields_its_series_uid(slice
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"real DICOM files not found at {SHARED}")
 def test_real_files_of_every_transfer_syntax_pass() -> None:
-    from tests.harness.malformed import _file_meta
+    from tests.harness.malformed.send import _file_meta
 
     checked = 0
     for path in sorted(SHARED.rglob("*")):
@@ -107,14 +108,16 @@ def test_unclosed_sequence_and_pixel_data_are_refused() -> None:
     sequence = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) + item
     with pytest.raises(FramingError, match="Item Delimitation"):
         scan(sequence, ExplicitVRLittleEndian)
-    pixels = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"abcd"
+    pixels = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 4)
+              + b"abcd")
     with pytest.raises(FramingError, match="encapsulated pixel data"):
         scan(pixels, ExplicitVRLittleEndian)
     scan(pixels + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), ExplicitVRLittleEndian)
 
 
-def _meta(body: bytes, uid: str) -> object:
-    return read_instance_meta(body, sop_instance_uid=uid, sop_class_uid=CT_CLASS, transfer_syntax=ExplicitVRLittleEndian)
+def _meta(body: bytes, uid: str) -> InstanceMeta:
+    return read_instance_meta(body, sop_instance_uid=uid, sop_class_uid=CT_CLASS,
+                              transfer_syntax=ExplicitVRLittleEndian)
 
 
 def test_filing_uids_must_be_present_and_valid(slice_file: Path) -> None:
