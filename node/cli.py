@@ -18,7 +18,6 @@ import json
 import logging
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from node import __version__
 from node.config import NodeConfig, load_config, parse_destination, with_overrides
-from node.errors import Declined, NodeError, Permanent, Retryable
+from node.errors import Declined, NodeError, Retryable
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -117,8 +116,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from node.assemble.select import SeriesFacts, select_bundles
+    from node.infer.backends.loader import EngineLoader
     from node.infer.manifest import discover_bundles
-    from node.jobs.engines import EngineFactory
     from node.jobs.pipeline import run_job
     from node.model.bundle import Bundle
     from node.write.provenance import Provenance
@@ -135,7 +134,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out_root = Path(args.output)
     rows: list[tuple[str, str, str, str, str]] = []
     failed = bool(problems)
-    factory = EngineFactory(cfg)
+    factory = EngineLoader.from_config(cfg)
     work: list[tuple[_SeriesFiles, Bundle]] = []
     for s in series_list:
         chosen, reasons = select_bundles(bundles, SeriesFacts(s.modality, s.sop_class_uid, len(s.paths)))
@@ -207,66 +206,60 @@ def cmd_echo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------- status
 def _open_index(cfg: NodeConfig) -> Index | None:
     """The service's index, or None (said on stdout) when the service has not run with this state directory."""
-    from node.spool.index import Index
+    from node.spool.queries import open_index
 
-    if not cfg.index_path.exists():
+    index = open_index(cfg)
+    if index is None:
         print(f"no index at {cfg.index_path}: the service has not run with this state directory")
-        return None
-    return Index(cfg.index_path)
+    return index
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from node.spool.retention import figures
+    from node.spool.queries import status_report
 
     cfg = _load(args)
     index = _open_index(cfg)
     if index is None:
         return 1
-    kept = figures(cfg, index)
+    report = status_report(cfg, index, args.limit)
     if args.json:
-        print(json.dumps({
-            "series": [s.__dict__ | {"state": s.state.value} for s in index.all_series()],
-            "jobs": [j.__dict__ | {"state": j.state.value} for j in index.jobs(args.limit)],
-            "outbox": [o.__dict__ | {"state": o.state.value, "path": str(o.path)} for o in index.outbox(args.limit)],
-            "retention": kept.as_dict(),
-        }, indent=2))
+        print(json.dumps(report.as_dict(), indent=2))
         return 0
     console = Console()
-    t = Table(title=f"series ({index.instance_count()} instances stored)")
+    t = Table(title=f"series ({report.instance_count} instances stored)")
     for c in ("series", "modality", "instances", "state", "note"):
         t.add_column(c, overflow="fold")
-    for s in index.all_series()[-args.limit:]:
+    for s in report.recent_series:
         t.add_row(s.series_uid, s.modality, str(s.instance_count), s.state.value, s.note)
     console.print(t)
     t = Table(title="jobs")
     for c in ("id", "series", "bundle", "state", "attempts", "error / timings"):
         t.add_column(c, overflow="fold")
-    for j in index.jobs(args.limit):
-        t.add_row(str(j.id), j.series_uid[-16:], j.bundle, j.state.value, str(j.attempts),
-                  j.error or index.job_timings(j.id))
+    for js in report.jobs:
+        j = js.job
+        t.add_row(str(j.id), j.series_uid[-16:], j.bundle, j.state.value, str(j.attempts), js.detail)
     console.print(t)
     t = Table(title="outbox")
     for c in ("id", "job", "destination", "object", "state", "attempts", "next try", "last status"):
         t.add_column(c, overflow="fold")
-    by_state: dict[str, int] = defaultdict(int)
-    for o in index.outbox(args.limit):
-        by_state[o.state.value] += 1
+    for o in report.outbox:
         nxt = time.strftime("%H:%M:%S", time.localtime(o.next_attempt_at)) if o.state.value == "pending" else ""
         t.add_row(str(o.id), str(o.job_id), o.destination, o.path.name, o.state.value, str(o.attempts), nxt,
                   o.last_status)
     console.print(t)
-    console.print(_retention_table(kept))
+    console.print(_retention_table(report.retention))
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    from node.spool.commands import retry_dead_letters
     from node.spool.index import Index
 
     cfg = _load(args)
-    n = Index(cfg.index_path).retry_dead()
+    n = retry_dead_letters(Index(cfg.index_path))
     print(f"{n} dead-lettered object(s) queued for sending again")
     return 0
 
@@ -295,71 +288,16 @@ def _retention_table(kept: RetentionFigures) -> Table:
 # --------------------------------------------------------------------------------------- replay
 def cmd_replay(args: argparse.Namespace) -> int:
     """Queue a finished series' results for sending again: the same files, so the same SOP Instance UIDs."""
-    from node.model.records import JobState, SeriesState
+    from node.spool.commands import replay_series
 
     cfg = _load(args)
     index = _open_index(cfg)
     if index is None:
         return 1
-    uid = args.series
-    series = index.series(uid)
-    if series is None:
-        raise Permanent(f"series {uid} is not in the index at {cfg.index_path}: it was never received here, or "
-                        "retention deleted it (see retention.keep_days and retention.max_spool_gb)")
-    jobs = index.series_jobs(uid)
-    busy = [j for j in jobs if j.state in (JobState.QUEUED, JobState.RUNNING)]
-    if series.state is SeriesState.RECEIVING or busy:
-        raise Permanent(f"series {uid} is not finished (series {series.state.value}, "
-                        f"{len(busy)} job(s) queued or running); replay it once its jobs have ended")
-    # The newest finished job of each bundle: a series that was reopened and segmented again has
-    # older results that the newer ones replace.
-    done = list({j.bundle: j for j in jobs if j.state is JobState.DONE}.values())
-    if not done:
-        states = ", ".join(f"job {j.id} {j.state.value}" for j in jobs) or f"no jobs: series {series.state.value}"
-        raise Permanent(f"series {uid} has no finished job with results to send ({states})")
-    objects: list[tuple[int, Path, str, str]] = []
-    known: set[str] = set()
-    for job in done:
-        rows = index.job_outbox(job.id)
-        known.update(r.destination for r in rows)
-        found = {(r.path, r.sop_instance_uid, r.sop_class_uid) for r in rows} or _result_files(job.result_dir)
-        objects.extend((job.id, *obj) for obj in sorted(found))
-    configured = [d.name for d in cfg.destinations]
-    if args.replay_destination:
-        unknown = [n for n in args.replay_destination if n not in known and n not in configured]
-        if unknown:
-            raise Permanent(f"destination(s) {', '.join(map(repr, unknown))} unknown: this series was sent to "
-                            f"{sorted(known) or 'none'}, the configuration names {configured or 'none'}")
-        targets = list(dict.fromkeys(args.replay_destination))
-    else:
-        targets = sorted(known) or configured
-    if not targets:
-        raise Permanent(f"series {uid} was never queued for a destination; name one with --destination NAME "
-                        "(a [[destinations]] name of the running service)")
-    if not objects:
-        raise Permanent(f"series {uid}: its finished job(s) {', '.join(str(j.id) for j in done)} wrote no objects")
-    missing = [str(path) for _, path, _, _ in objects if not path.is_file()]
-    if missing:
-        raise Permanent(f"series {uid}: result file(s) {', '.join(missing)} are missing; nothing was queued")
-    items = [(job_id, dest, path, sop_uid, sop_class) for dest in targets for job_id, path, sop_uid, sop_class in objects]
-    n = index.requeue_results(items, note="queued again by replay")
-    print(f"{n} object(s) of series {uid} queued for sending again to {', '.join(targets)} "
-          f"(the running service sends them; `status` shows progress)")
+    outcome = replay_series(index, cfg, args.series, args.replay_destination)
+    print(f"{outcome.queued} object(s) of series {outcome.series_uid} queued for sending again to "
+          f"{', '.join(outcome.destinations)} (the running service sends them; `status` shows progress)")
     return 0
-
-
-def _result_files(result_dir: str) -> set[tuple[Path, str, str]]:
-    """The DICOM objects in a job's result folder: (path, SOP Instance UID, SOP Class UID)."""
-    found: set[tuple[Path, str, str]] = set()
-    if not result_dir or not Path(result_dir).is_dir():
-        return found
-    for path in sorted(Path(result_dir).glob("*.dcm")):
-        try:
-            ds = dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            continue
-        found.add((path, str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
-    return found
 
 
 # ------------------------------------------------------------------------------------------ main
