@@ -1,0 +1,154 @@
+"""BODY (the External outline) on the coarse grid: step 2 of ``node.infer.anatomy`` (its docstring tells
+the whole method).
+
+Tissue is ``HU > BODY_HU``; an in-plane opening cuts the couch off, the largest 3-D component and the
+body-like others (arms, legs) are kept, details and shells the opening shaved off come back, and holes
+are filled plane by plane.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from node.infer.anatomy_grid import (
+    CONN6,
+    INPLANE4,
+    CoarseFrame,
+    bbox,
+    dilate,
+    erode,
+    fill_holes_inplane,
+    shape_of,
+)
+
+#: Tissue (BODY) threshold, HU; planning systems use −300…−500 (Eclipse: −350).
+BODY_HU = -400.0
+#: In-plane opening that separates the couch from the patient (side of the square), mm.
+COUCH_OPEN_MM = 15.0
+#: An in-plane hole of the tissue counts as the patient's (and is solid for the opening) when at
+#: least this fraction of its rim is thick tissue (survives the opening).
+HOLE_MIN_THICK_RIM = 0.4
+#: Extra 3-D components (arms, legs) are kept at this fraction of the largest one's volume or more...
+EXTRA_MIN_FRACTION = 0.01
+#: ... with at least this mean cross-section per plane (couch rails are smaller), cm²...
+EXTRA_MIN_AREA_CM2 = 12.0
+#: ... and no flatter than this (ratio of the in-plane principal axes; couch boards are flatter).
+EXTRA_MAX_ELONGATION = 4.0
+#: Parts removed by the opening come back when they reach no further than this in-plane, mm.
+DETAIL_MAX_MM = 40.0
+#: A long piece removed by the opening is a shell of the body (a phantom's wall, a skull without
+#: scalp) when it surrounds its centre (this fraction of directions) in this fraction of its planes.
+SHELL_MIN_COVERAGE = 0.8
+SHELL_MIN_PLANES = 0.25
+_SECTORS = 36
+
+
+def _odd(mm: float, spacing: float) -> int:
+    n = round(mm / spacing)
+    return max(1, n + 1 - n % 2)
+
+
+def _patient_holes(tissue: np.ndarray, thick: np.ndarray) -> np.ndarray:
+    """In-plane holes of ``tissue`` whose rim is at least HOLE_MIN_THICK_RIM ``thick`` (the trachea
+    behind a thin anterior neck, lungs behind a thin chest wall); a couch's hollow core, rimmed by
+    thin shells only, is not one."""
+    holes = fill_holes_inplane(tissue) & ~tissue
+    tight = bbox(holes)
+    if tight is None:
+        return holes
+    box = (tight[0], *(slice(max(b.start - 1, 0), min(b.stop + 1, n))
+                       for b, n in zip(tight[1:], tissue.shape[1:], strict=True)))
+    inside = holes[box]
+    labels, n = ndimage.label(inside, structure=INPLANE4)
+    near = ndimage.maximum_filter(labels, size=(1, 3, 3), mode="constant", cval=0)
+    rim = (near > 0) & ~inside
+    owner = near[rim]
+    total = np.bincount(owner, minlength=n + 1)
+    thick_rim = np.bincount(owner, weights=thick[box][rim], minlength=n + 1)
+    keep = thick_rim >= HOLE_MIN_THICK_RIM * np.maximum(total, 1)
+    keep[0] = False
+    out = np.zeros(tissue.shape, dtype=bool)
+    out[box] = keep[labels]
+    return out
+
+
+def body_coarse(hu: np.ndarray, frame: CoarseFrame) -> np.ndarray:
+    tissue = hu > BODY_HU
+    if not tissue.any():
+        return tissue
+    size = _odd(COUCH_OPEN_MM, min(frame.spacing[1], frame.spacing[2]))
+    # Holes of the patient are solid for the opening: a wall thinner than the opening (the front of
+    # the neck over the larynx, a thin chest wall over a lung) is not cut off.
+    tissue |= _patient_holes(tissue, dilate(erode(tissue, size), size) if size > 1 else tissue)
+    opened = dilate(erode(tissue, size), size) if size > 1 else tissue
+    labels, n = ndimage.label(opened, structure=CONN6)
+    if n == 0:  # nothing survives the opening (a thin object): no couch separation possible
+        opened = tissue
+        labels, n = ndimage.label(opened, structure=CONN6)
+    count = np.bincount(labels.ravel(), minlength=n + 1)
+    count[0] = 0
+    largest = int(np.argmax(count))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[largest] = True
+    boxes = ndimage.find_objects(labels)
+    for c in np.flatnonzero(count >= EXTRA_MIN_FRACTION * count[largest]):
+        box = boxes[c - 1]
+        if c == largest or box is None:
+            continue
+        area, elongation = shape_of(labels[box] == c, frame)
+        keep[c] = area >= EXTRA_MIN_AREA_CM2 and elongation <= EXTRA_MAX_ELONGATION
+    body = keep[labels]
+    # What the opening shaved off the kept body comes back when it touches it and is a detail
+    # (small in-plane: nose tip, ear, fingers) or a shell around it (a skull phantom's wall: with
+    # it come the pieces inside that it touches). Long pieces that are not shells (a couch shell
+    # touching the back, a head cradle) stay out.
+    residual = tissue & ~opened
+    if not residual.any():
+        return fill_holes_inplane(body)
+    rlabels, rn = ndimage.label(residual, structure=CONN6)
+    touching = np.zeros(rn + 1, dtype=bool)
+    touching[np.unique(rlabels[dilate(body, 3) & residual])] = True
+    touching[0] = False
+    reach_i = DETAIL_MAX_MM / frame.spacing[1]
+    reach_j = DETAIL_MAX_MM / frame.spacing[2]
+    back = np.zeros(rn + 1, dtype=bool)
+    shells: list[int] = []
+    for idx, box in enumerate(ndimage.find_objects(rlabels), start=1):
+        if box is None or not touching[idx]:
+            continue
+        if box[1].stop - box[1].start <= reach_i and box[2].stop - box[2].start <= reach_j:
+            back[idx] = True
+        elif _is_shell(rlabels[box] == idx, frame):
+            back[idx] = True
+            shells.append(idx)
+    body |= back[rlabels]
+    if shells:
+        # Opened pieces that a shell touches (the inserts of a phantom, thick parts of its wall).
+        near = dilate(np.isin(rlabels, shells), 3)
+        inner = np.unique(labels[near & opened])
+        inner = inner[inner > 0]
+        body |= np.isin(labels, inner)
+    return fill_holes_inplane(body)
+
+
+def _is_shell(piece: np.ndarray, frame: CoarseFrame) -> bool:
+    """True when ``piece`` surrounds its own centre (covers ``SHELL_MIN_COVERAGE`` of the directions
+    around it) in at least ``SHELL_MIN_PLANES`` of the planes it spans; a couch or a head cradle
+    lies on one side."""
+    k, i, j = np.nonzero(piece)
+    if k.size == 0:
+        return False
+    planes = piece.shape[0]
+    count = np.maximum(np.bincount(k, minlength=planes), 1)
+    yi = i * frame.spacing[1]
+    yj = j * frame.spacing[2]
+    ci = np.bincount(k, weights=yi, minlength=planes) / count
+    cj = np.bincount(k, weights=yj, minlength=planes) / count
+    angle = np.arctan2(yi - ci[k], yj - cj[k])
+    sector = np.minimum(((angle + np.pi) / (2 * np.pi) * _SECTORS).astype(np.int64), _SECTORS - 1)
+    covered = np.bincount(np.unique(k * _SECTORS + sector) // _SECTORS, minlength=planes)
+    present = np.count_nonzero(np.bincount(k, minlength=planes))
+    ringed = np.count_nonzero(covered >= SHELL_MIN_COVERAGE * _SECTORS)
+    return bool(ringed >= max(1, SHELL_MIN_PLANES * present))
+

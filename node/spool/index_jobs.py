@@ -1,0 +1,140 @@
+"""The index's jobs: dispatched per settled series and bundle, claimed by workers, ended."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from node.model.records import JobRecord, JobState, OutboxState, SeriesState
+from node.spool.index_db import IndexDb
+
+
+class JobRows(IndexDb):
+    """Jobs: queue, claim, finish (queueing the results in the outbox), fail, requeue, read."""
+
+    def dispatch(self, series_uid: str, bundles: list[str], note: str = "", now: float | None = None) -> list[int]:
+        """Mark a settled series dispatched and queue one job per bundle, atomically."""
+        now = time.time() if now is None else now
+        ids: list[int] = []
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET state=?, note=? WHERE series_uid=?",
+                (SeriesState.DISPATCHED.value, note, series_uid),
+            )
+            for bundle in bundles:
+                cur = db.execute(
+                    "INSERT INTO jobs (series_uid, bundle, state, created, updated) VALUES (?,?,?,?,?)",
+                    (series_uid, bundle, JobState.QUEUED.value, now, now),
+                )
+                ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def claim_job(self, worker: str, now: float | None = None) -> JobRecord | None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.QUEUED.value,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state=?, worker=?, attempts=attempts+1, updated=? WHERE id=?",
+                (JobState.RUNNING.value, worker, now, row["id"]),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
+        return _job(row)
+
+    def finish_job(
+        self,
+        job_id: int,
+        *,
+        result_dir: str,
+        timings: str,
+        outbox: list[tuple[str, Path, str, str]],
+        now: float | None = None,
+    ) -> None:
+        """Mark a job done and queue its results for each destination, in one transaction.
+
+        ``outbox`` holds (destination name, file path, SOP Instance UID, SOP Class UID).
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, result_dir=?, timings=?, error='', updated=? WHERE id=?",
+                (JobState.DONE.value, result_dir, timings, now, job_id),
+            )
+            for destination, path, sop_uid, sop_class in outbox:
+                db.execute(
+                    """INSERT INTO outbox (job_id, destination, path, sop_instance_uid, sop_class_uid,
+                           state, next_attempt_at) VALUES (?,?,?,?,?,?,?)
+                       ON CONFLICT(destination, sop_instance_uid) DO UPDATE SET
+                           job_id=excluded.job_id, path=excluded.path, state=excluded.state,
+                           attempts=0, next_attempt_at=excluded.next_attempt_at""",
+                    (job_id, destination, str(path), sop_uid, sop_class, OutboxState.PENDING.value, now),
+                )
+
+    def fail_job(self, job_id: int, error: str, now: float | None = None,
+                 state: JobState = JobState.FAILED) -> None:
+        """End a job failed (or ``state=DECLINED``: the bundle does not apply) with its reason."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, error=?, updated=? WHERE id=?",
+                (state.value, error, now, job_id),
+            )
+
+    def requeue_running(self, *, worker: str | None = None, max_attempts: int, reason: str) -> list[int]:
+        """Return running jobs (of one worker, or all) to the queue after a crash.
+
+        A job that has already been attempted ``max_attempts`` times ends failed with ``reason``.
+        """
+        now = time.time()
+        with self._tx() as db:
+            sql = "SELECT id, attempts FROM jobs WHERE state=?"
+            args: tuple[object, ...] = (JobState.RUNNING.value,)
+            if worker is not None:
+                sql += " AND worker=?"
+                args += (worker,)
+            rows = db.execute(sql, args).fetchall()
+            for row in rows:
+                if row["attempts"] >= max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET state=?, error=?, updated=? WHERE id=?",
+                        (JobState.FAILED.value, f"{reason}; gave up after {row['attempts']} attempts", now, row["id"]),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE jobs SET state=?, worker='', error=?, updated=? WHERE id=?",
+                        (JobState.QUEUED.value, reason, now, row["id"]),
+                    )
+        return [int(r["id"]) for r in rows]
+
+    def job(self, job_id: int) -> JobRecord | None:
+        rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, limit: int = 100) -> list[JobRecord]:
+        return [_job(r) for r in self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def job_timings(self, job_id: int) -> str:
+        rows = self._query("SELECT timings FROM jobs WHERE id=?", (job_id,))
+        return str(rows[0]["timings"]) if rows else ""
+
+    # ------------------------------------------------------------------ replay
+    def series_jobs(self, series_uid: str) -> list[JobRecord]:
+        return [_job(r) for r in self._query("SELECT * FROM jobs WHERE series_uid=? ORDER BY id", (series_uid,))]
+
+
+def _job(r: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=r["id"],
+        series_uid=r["series_uid"],
+        bundle=r["bundle"],
+        state=JobState(r["state"]),
+        attempts=r["attempts"],
+        created=r["created"],
+        updated=r["updated"],
+        error=r["error"],
+        result_dir=r["result_dir"],
+    )
