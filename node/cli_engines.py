@@ -53,7 +53,8 @@ def cmd_doctor(cfg: NodeConfig, args: argparse.Namespace) -> int:
     if report.rows:
         shape = "x".join(map(str, REFERENCE_SHAPE))
         spacing = "x".join(f"{s:g}" for s in REFERENCE_SPACING)
-        t = Table(title=f"per bundle on this GPU (a volume: {shape} CT at {spacing} mm; roofline: max(FLOPs / peak, unfused bytes / bandwidth))")
+        t = Table(title=f"per bundle on this GPU (a volume: {shape} CT at {spacing} mm; "
+                        "roofline: max(FLOPs / peak, unfused bytes / bandwidth))")
         for c in ("bundle", "precision", "sample", "GFLOP", "MB moved", "batch opt/max", "tiles/vol",
                   "roofline ms/tile", "roofline s/vol", "bound", "plan", "why"):
             t.add_column(c, overflow="fold")
@@ -98,7 +99,8 @@ def cmd_build(cfg: NodeConfig, args: argparse.Namespace) -> int:
     Console().print(t)
     stale = cache.stale_plans(keys)
     if stale:
-        print(f"{len(stale)} plan(s) for other GPUs, TensorRT versions or models are not used: {', '.join(map(str, stale))}")
+        print(f"{len(stale)} plan(s) for other GPUs, TensorRT versions or models are not used: "
+              f"{', '.join(map(str, stale))}")
     return 0
 
 
@@ -126,7 +128,7 @@ def cmd_bench(cfg: NodeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_engines_parser(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+def add_engines_parser(sub: argparse._SubParsersAction,
                        add_config: Callable[[argparse.ArgumentParser], None],
                        load: Callable[[argparse.Namespace], NodeConfig]) -> None:
     p = sub.add_parser("engines", help="inference engines: doctor, build, bench",

@@ -28,7 +28,8 @@ def why_not(bundle: Bundle, facts: SeriesFacts) -> str | None:
         name = VOLUME_SOP_CLASSES.get(facts.sop_class_uid, facts.sop_class_uid)
         return f"{bundle.name} needs {'/'.join(bundle.select.modalities)} images, not {name}"
     if facts.modality not in bundle.select.modalities:
-        return f"{bundle.name} needs modality {'/'.join(bundle.select.modalities)}, the series is {facts.modality or 'unlabelled'}"
+        return (f"{bundle.name} needs modality {'/'.join(bundle.select.modalities)}, "
+                f"the series is {facts.modality or 'unlabelled'}")
     if facts.instance_count < bundle.select.min_slices:
         return f"{bundle.name} needs at least {bundle.select.min_slices} slices, the series has {facts.instance_count}"
     return None

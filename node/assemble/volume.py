@@ -257,7 +257,7 @@ def _voxel_dtype(datasets: Sequence[Dataset], rescale: Sequence[tuple[float, flo
     """int16 when every slice's stored values, rescaled, are integers within int16 (CT in HU), else float32.
 
     Decided from BitsStored, PixelRepresentation and the rescale before any pixel is decoded."""
-    for ds, (slope, intercept) in zip(datasets, rescale):
+    for ds, (slope, intercept) in zip(datasets, rescale, strict=True):
         bits = ds.get("BitsStored")
         if not isinstance(bits, int) or not 1 <= bits <= 16 or slope != int(slope) or intercept != int(intercept):
             return np.float32
@@ -297,7 +297,7 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     rescale = [_rescale(ds) for ds in datasets]
     orientations = [_direction_cosines(ds) for ds in datasets]
     iop = orientations[0]
-    for ds, other in zip(datasets, orientations):
+    for ds, other in zip(datasets, orientations, strict=True):
         if np.abs(other - iop).max() > ORIENTATION_TOLERANCE:
             raise VolumeError(
                 f"the series mixes orientations: {_uid_of(ds)} has ImageOrientationPatient "
@@ -346,7 +346,8 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
             k = int(np.argmax(deviation))
             raise VolumeError(
                 f"slice positions do not form a regular stack: the step from slice {k} to {k + 1} is "
-                f"{np.round(vectors[k], 2).tolist()} mm where the series mostly steps {np.round(slice_step, 2).tolist()} mm"
+                f"{np.round(vectors[k], 2).tolist()} mm where the series mostly steps "
+                f"{np.round(slice_step, 2).tolist()} mm"
             )
     else:
         slice_spacing = _number(first, "SpacingBetweenSlices") or _number(first, "SliceThickness") or 1.0

@@ -156,7 +156,7 @@ class PeerGuard:
             and assoc.requestor.primitive is None
             and assoc.dul.to_user_queue.empty()
         ):
-            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # read as "ACSE timeout"
+            assoc.dul.to_user_queue.put(None)  # read as "ACSE timeout"
 
     # ------------------------------------------------------------------ association requests
     def on_pdu_recv(self, event: evt.Event) -> None:

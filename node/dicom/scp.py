@@ -16,6 +16,7 @@ top of it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -123,7 +124,8 @@ def _header_text(found: dict[int, RawElement], tag: int) -> str:
     return text.strip()
 
 
-def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str) -> InstanceMeta:
+def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: str,
+                       transfer_syntax: str) -> InstanceMeta:
     """Check a received dataset (as encoded, no file meta) and read what the index needs, pixels untouched.
 
     The whole dataset's framing is checked (:func:`node.dicom.framing.scan`): a truncated or garbled
@@ -402,7 +404,7 @@ class _LazyHandshakeContext(ssl.SSLContext):
     runs on the thread pynetdicom starts for the connection, with a deadline.
     """
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         kwargs["do_handshake_on_connect"] = False
         return super().wrap_socket(sock, *args, **kwargs)
 
@@ -428,10 +430,8 @@ def _tls_handshake(event: evt.Event) -> None:
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         log.warning("TLS connection from %s refused: the handshake failed (%s)", peer, reason)
-        try:
+        with contextlib.suppress(OSError):
             sock.close()
-        except OSError:
-            pass
         return
     rdns = cast(tuple[tuple[tuple[str, str], ...], ...], (sock.getpeercert() or {}).get("subject", ()))
     subject = {k: v for rdn in rdns for k, v in rdn}

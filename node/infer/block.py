@@ -37,7 +37,7 @@ _IDENTITY = Reorientation(permutation=(0, 1, 2), flips=(False, False, False), ob
 
 def _offsets(image_shape: tuple[int, ...], block: tuple[int, int, int]) -> tuple[int, int, int]:
     """Block index of image voxel 0 per axis: the image centred in the block (d//2 − n//2)."""
-    return tuple(b // 2 - n // 2 for n, b in zip(image_shape, block))  # type: ignore[return-value]
+    return tuple(b // 2 - n // 2 for n, b in zip(image_shape, block, strict=False))  # type: ignore[return-value]
 
 
 def place_in_block(image: np.ndarray, block: tuple[int, int, int], pad_value: float) -> np.ndarray:
@@ -45,7 +45,7 @@ def place_in_block(image: np.ndarray, block: tuple[int, int, int], pad_value: fl
     block keeps its centre (the model cannot see the rest)."""
     out = np.full((1, 1, *block), pad_value, dtype=np.float32)
     src, dst = [], []
-    for n, b, off in zip(image.shape, block, _offsets(image.shape, block)):
+    for n, b, off in zip(image.shape, block, _offsets(image.shape, block), strict=False):
         lo = max(0, -off)
         hi = min(n, b - off)
         src.append(slice(lo, hi))
@@ -61,7 +61,7 @@ def image_probabilities(output: np.ndarray, image_shape: tuple[int, int, int], b
     k = output.shape[0]
     out = np.empty((k, *image_shape), dtype=np.float32)
     src, dst, pads = [], [], []
-    for n, b, off, m in zip(image_shape, block, _offsets(image_shape, block), output.shape[1:]):
+    for n, _b, off, m in zip(image_shape, block, _offsets(image_shape, block), output.shape[1:], strict=False):
         first = off - margin  # output index of image voxel 0
         lo = max(0, -first)
         hi = min(n, m - first)
@@ -100,7 +100,7 @@ def _channels_on_host(image: np.ndarray, bundle: Bundle, engine: Engine) -> list
     del block
     if output.ndim != 5 or output.shape[0] != 1:
         raise InferenceError(f"{engine.name} returned shape {output.shape}; expected (1, K, D, H, W)")
-    probabilities = image_probabilities(output[0], image.shape, win.block, win.output_margin)  # type: ignore[arg-type]
+    probabilities = image_probabilities(output[0], image.shape, win.block, win.output_margin)
     del output, image
     if bundle.activation is Activation.SIGMOID:
         return [(label.value, probabilities[i] > post.threshold) for i, label in enumerate(bundle.labels)]
@@ -125,7 +125,7 @@ def segment_single_block(volume: Volume, bundle: Bundle, engine: Engine) -> np.n
         check_body_width(bundle, found.body_width_mm)
         box = found.box
     crop = hu[box]  # a view: the first resampling step makes the (smaller) copy
-    crop_shape: tuple[int, int, int] = crop.shape  # type: ignore[assignment]
+    crop_shape: tuple[int, int, int] = crop.shape
 
     image, image_spacing = crop, spacing
     del crop

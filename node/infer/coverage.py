@@ -24,7 +24,8 @@ def check_coverage(bundle: Bundle, geometry: Geometry) -> None:
         )
     if cov.max_slice_spacing_mm and spacing > cov.max_slice_spacing_mm + 1e-3:
         raise Declined(
-            f"{bundle.name} needs slices at most {cov.max_slice_spacing_mm:g} mm apart; this series has {spacing:.2f} mm"
+            f"{bundle.name} needs slices at most {cov.max_slice_spacing_mm:g} mm apart; "
+            f"this series has {spacing:.2f} mm"
         )
     angle = normal_angle_to(geometry, "S")
     if angle > cov.max_obliquity_deg:

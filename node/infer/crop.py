@@ -60,7 +60,7 @@ def abdomen_box(hu: np.ndarray, spacing: tuple[float, float, float],
     """Find the crop box of ``hu`` (axis 0 inferior→superior) for an upper-abdomen model."""
     stride = tuple(max(1, int(3.0 / s)) for s in spacing)
     coarse = hu[::stride[0], ::stride[1], ::stride[2]]
-    cs = tuple(s * f for s, f in zip(spacing, stride))
+    cs = tuple(s * f for s, f in zip(spacing, stride, strict=True))
 
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)

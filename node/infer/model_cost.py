@@ -115,7 +115,7 @@ def _concrete_copy(model: onnx.ModelProto, input_shape: tuple[int, ...], path: P
     if tensor_type.HasField("shape") and len(tensor_type.shape.dim) != len(input_shape):
         raise BundleError(f"{_label(path)}: input {inputs[0].name!r} has {len(tensor_type.shape.dim)} dimensions, "
                           f"not the {len(input_shape)} of the shape {input_shape} asked for")
-    for i, (dim, value) in enumerate(zip(tensor_type.shape.dim, input_shape)):
+    for i, (dim, value) in enumerate(zip(tensor_type.shape.dim, input_shape, strict=False)):
         if dim.HasField("dim_value") and dim.dim_value != value:
             raise BundleError(f"{_label(path)}: input {inputs[0].name!r} has a fixed size {dim.dim_value} on axis {i}, "
                               f"not the {value} of the shape {input_shape} asked for")
@@ -152,8 +152,9 @@ def _shapes(model: onnx.ModelProto, path: Path) -> dict[str, tuple[tuple[int, ..
     missing = [name for node in inferred.graph.node for name in node.output if name and name not in found]
     missing += [o.name for o in inferred.graph.output if o.name not in found and o.name not in missing]
     if missing:
-        raise BundleError(f"the shape of tensor {missing[0]!r} in {_label(path)} cannot be inferred for this input shape "
-                          f"({len(missing)} tensor(s) without a concrete shape); the cost analysis needs every shape")
+        raise BundleError(f"the shape of tensor {missing[0]!r} in {_label(path)} cannot be inferred for this "
+                          f"input shape ({len(missing)} tensor(s) without a concrete shape); "
+                          "the cost analysis needs every shape")
     return found
 
 

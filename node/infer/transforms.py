@@ -15,7 +15,7 @@ from node.model.bundle import Postprocess, Preprocess
 def model_grid_shape(shape: tuple[int, int, int], spacing: tuple[float, float, float],
                      target: tuple[float, float, float]) -> tuple[int, int, int]:
     """Shape of the volume resampled from ``spacing`` to ``target`` mm, covering the same extent."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))  # type: ignore[return-value]
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=False))  # type: ignore[return-value]
 
 
 def _corner_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ def to_model_grid(voxels: np.ndarray, spacing: tuple[float, float, float], pre: 
     """Resample a native volume to the bundle's spacing, then normalise (on the smaller grid)."""
     if pre.spacing_mm is None:
         return normalise(voxels.astype(np.float32, copy=True), pre)
-    image = resample_linear(voxels, model_grid_shape(voxels.shape, spacing, pre.spacing_mm))  # type: ignore[arg-type]
+    image = resample_linear(voxels, model_grid_shape(voxels.shape, spacing, pre.spacing_mm))
     if image is voxels:
         image = image.copy()
     return normalise(image, pre)
@@ -173,7 +173,7 @@ def resample_centred(image: np.ndarray, spacing: tuple[float, float, float], tar
     blend (memory-bound, O(output)), shrinking axes first so the large arrays are made last.
     """
     if out_shape is None:
-        out_shape = model_grid_shape(image.shape, spacing, target)  # type: ignore[arg-type]
+        out_shape = model_grid_shape(image.shape, spacing, target)
     out = np.asarray(image, dtype=np.float32)
     order = sorted(range(3), key=lambda a: out_shape[a] / out.shape[a])  # most shrinking first
     for axis in order:

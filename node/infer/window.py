@@ -36,7 +36,7 @@ def tile_grid(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: floa
     :func:`sliding_window` runs them: the one tiling the CPU path, the GPU-resident pipeline and
     ``engines doctor``'s tile counts share."""
     steps = [max(1, int(round(p * (1 - overlap)))) for p in patch]
-    starts = [tile_starts(max(s, p), p, st) for s, p, st in zip(shape, patch, steps)]
+    starts = [tile_starts(max(s, p), p, st) for s, p, st in zip(shape, patch, steps, strict=False)]
     return list(itertools.product(*starts))  # type: ignore[arg-type]
 
 
@@ -51,7 +51,7 @@ def sliding_window(
 ) -> np.ndarray:
     """Run ``engine`` over a (D, H, W) image; return (K, D, H, W) averaged probabilities."""
     shape = image.shape
-    padded_shape = tuple(max(s, p) for s, p in zip(shape, patch))
+    padded_shape = tuple(max(s, p) for s, p in zip(shape, patch, strict=False))
     if padded_shape != shape:
         padded = np.full(padded_shape, pad_value, dtype=np.float32)
         padded[: shape[0], : shape[1], : shape[2]] = image
@@ -66,7 +66,7 @@ def sliding_window(
         probs = engine.run(tiles[:, None])
         if acc is None:
             acc = np.zeros((probs.shape[1], *image.shape), dtype=np.float32)
-        for (z, y, x), p in zip(group, probs):
+        for (z, y, x), p in zip(group, probs, strict=False):
             acc[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] += p * weights
             norm[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += weights
     assert acc is not None

@@ -115,7 +115,8 @@ def run_job(
     watch.lap("infer")
     found = present_labels(labels, bundle)
     if not found:
-        raise Declined(f"{bundle.name} found none of its structures ({', '.join(l.name for l in bundle.labels)}) "
+        raise Declined(f"{bundle.name} found none of its structures "
+                       f"({', '.join(label.name for label in bundle.labels)}) "
                        "in this series; nothing to write")
     uids = ResultUids.for_job(job_key(series_uid, bundle.id, volume.sop_instance_uids))
     result = Result(volume, labels, bundle, found, uids, provenance)

@@ -84,7 +84,7 @@ def load_engines(factory: EngineLoader, bundles: dict[str, Bundle], worker: str)
     return EngineReport(worker, loaded, failed)
 
 
-def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,  # type: ignore[name-defined]
+def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
                  reports: mp.Queue[EngineReport]) -> None:
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s {spec.name} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -143,7 +143,8 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,  # type: ignore[n
             job.id,
             result_dir=str(outcome.objects[0].path.parent) if outcome.objects else "",
             timings=json.dumps(timings),
-            outbox=[(dest, o.path, o.sop_instance_uid, o.sop_class_uid) for dest in destinations for o in outcome.objects],
+            outbox=[(dest, o.path, o.sop_instance_uid, o.sop_class_uid)
+                    for dest in destinations for o in outcome.objects],
         )
         log.info(
             "job %d done: %s → %s in %.1f s %s",
@@ -221,7 +222,8 @@ class WorkerPool:
             proc.join(max(0.0, deadline - time.time()))
         for name, proc in self._procs.items():
             if proc.is_alive():
-                log.warning("worker %s did not finish in %.0f s; terminating it (its job is requeued at start)", name, timeout)
+                log.warning("worker %s did not finish in %.0f s; terminating it (its job is requeued at start)",
+                            name, timeout)
                 proc.terminate()
                 proc.join(5)
                 if proc.is_alive():

@@ -106,7 +106,7 @@ def _number(item: Dataset, keyword: str, where: str) -> int:
 def _color(item: Dataset) -> tuple[int, int, int] | None:
     value = item.get("ROIDisplayColor")
     try:
-        rgb = tuple(int(str(v).strip()) for v in value)  # type: ignore[union-attr]
+        rgb = tuple(int(str(v).strip()) for v in value)
     except (TypeError, ValueError):
         return None
     return (rgb[0], rgb[1], rgb[2]) if len(rgb) == 3 else None

@@ -223,7 +223,8 @@ class Retention:
                     report.complete = False
                     break
                 total -= self._delete(usage, not_after=float("inf"), now=now, report=report,
-                                      reason=f"spool and results over max_spool_gb = {self.cfg.retention_max_spool_gb:g}")
+                                      reason="spool and results over max_spool_gb = "
+                                             f"{self.cfg.retention_max_spool_gb:g}")
             if total > limit and report.complete:
                 report.limit_unmet = True
                 self._warn_limit(total, limit, [u for u in self.index.series_usage() if not u.finished])

@@ -161,7 +161,7 @@ def _trace(slab: Callable[[int, int], np.ndarray], count: int) -> _Traced:
     parts = [_trace_block(slab(a, min(a + SLAB_SLICES, count))) for a in range(0, count, SLAB_SLICES)]
     if not parts:
         return _EMPTY
-    slices = np.concatenate([part[0] + a for part, a in zip(parts, range(0, count, SLAB_SLICES))])
+    slices = np.concatenate([part[0] + a for part, a in zip(parts, range(0, count, SLAB_SLICES), strict=True)])
     sizes = np.concatenate([np.diff(part[1]) for part in parts])
     return slices, np.concatenate([[0], np.cumsum(sizes)]), np.concatenate([part[2] for part in parts])
 
@@ -221,7 +221,7 @@ def mask_contours_px(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
     if mask.ndim == 2:
         mask = mask[None]
     slices, offsets, points = _trace(lambda a, b: mask[a:b], len(mask))
-    return [(int(k), points[a:b]) for k, a, b in zip(slices, offsets[:-1], offsets[1:])]
+    return [(int(k), points[a:b]) for k, a, b in zip(slices, offsets[:-1], offsets[1:], strict=True)]
 
 
 def slice_contours_px(mask: np.ndarray) -> list[np.ndarray]:
@@ -248,7 +248,8 @@ class Contours:
 
     def split(self) -> list[SliceContour]:
         return [SliceContour(int(k), self.points_lps[a:b])
-                for k, a, b in zip(self.slices.tolist(), self.offsets[:-1].tolist(), self.offsets[1:].tolist())]
+                for k, a, b in zip(self.slices.tolist(), self.offsets[:-1].tolist(), self.offsets[1:].tolist(),
+                                   strict=True)]
 
 
 def trace_mask(mask: np.ndarray, geometry: Geometry) -> Contours:

@@ -74,7 +74,7 @@ def fixed3_groups(values: np.ndarray, group_sizes: np.ndarray) -> list[bytes]:
     lengths = negative + digits + 5  # with the separator
     ends = np.cumsum(lengths)[np.cumsum(sizes) - 1]
     starts = np.concatenate([[0], ends[:-1]])
-    return [text[a : b - 1] for a, b in zip(starts.tolist(), ends.tolist())]
+    return [text[a : b - 1] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 def _one_by_one(v: np.ndarray, sizes: np.ndarray) -> list[bytes]:

@@ -60,7 +60,8 @@ def items_bytes(items: list[bytes], *, defined_length: bool = False) -> bytes:
     return b"".join(ITEM + item + ITEM_END for item in items)
 
 
-def raw_sequence(tag: int, items: list[bytes], *, implicit: bool = False, defined_length: bool = False) -> RawDataElement:
+def raw_sequence(tag: int, items: list[bytes], *, implicit: bool = False,
+                 defined_length: bool = False) -> RawDataElement:
     """A sequence element holding already encoded items (for undefined length pydicom adds the delimiter)."""
     value = items_bytes(items, defined_length=defined_length)
     return RawDataElement(Tag(tag), "SQ", len(value) if defined_length else 0xFFFFFFFF, value, 0, implicit, True)

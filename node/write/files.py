@@ -72,7 +72,8 @@ def _write_seg(result: Result, out_dir: Path, seg_type: SegType) -> WrittenObjec
 
 
 def write_results(
-    result: Result, out_dir: Path, *, write_seg: bool = True, write_rtstruct: bool = True, seg_type: SegType = SegType.BINARY
+    result: Result, out_dir: Path, *, write_seg: bool = True, write_rtstruct: bool = True,
+    seg_type: SegType = SegType.BINARY,
 ) -> list[WrittenObject]:
     """Build and durably save the SEG and the RTSTRUCT of one result.
 

@@ -77,7 +77,8 @@ def _contour_images(headers: list[Dataset], implicit: bool) -> Dataset:
     series = Dataset()
     series.SeriesInstanceUID = headers[0].SeriesInstanceUID
     series[0x30060016] = raw_sequence(0x30060016, [
-        enc.element(0x00081150, b"UI", str(h.SOPClassUID).encode()) + enc.element(0x00081155, b"UI", str(h.SOPInstanceUID).encode())
+        enc.element(0x00081150, b"UI", str(h.SOPClassUID).encode())
+        + enc.element(0x00081155, b"UI", str(h.SOPInstanceUID).encode())
         for h in headers
     ], implicit=implicit, defined_length=True)
     series.set_original_encoding(implicit, True, series._character_set)  # written as it is
@@ -163,14 +164,16 @@ def _roi_contours(ds: Dataset, volume: Volume, traced: list[Contours], texts: li
     ]
     closed_planar = enc.element(0x30060042, b"CS", b"CLOSED_PLANAR")
     rois = []
-    for number, (label, contours, roi_texts) in enumerate(zip(found, traced, texts), start=1):
+    for number, (label, contours, roi_texts) in enumerate(zip(found, traced, texts, strict=False), start=1):
         items = [
             image_refs[k]
             + closed_planar
             + enc.element(0x30060046, b"IS", str(size).encode())
             + enc.element(0x30060048, b"IS", str(n).encode())
             + enc.element(0x30060050, b"DS", text)
-            for n, (k, size, text) in enumerate(zip(contours.slices.tolist(), contours.sizes.tolist(), roi_texts), start=1)
+            for n, (k, size, text) in enumerate(
+                zip(contours.slices.tolist(), contours.sizes.tolist(), roi_texts, strict=True), start=1
+            )
         ]
         color = "\\".join(str(v) for v in label.color_rgb).encode()
         rois.append(

@@ -234,14 +234,17 @@ class _FrameEncoder:
 
 
 def _references(headers: Sequence[Dataset]) -> tuple[list[bytes], list[bytes]]:
-    """Items of SourceImageSequence and ReferencedSeriesSequence (Common Instance Reference), as highdicom lists them."""
+    ("Items of SourceImageSequence and ReferencedSeriesSequence (Common Instance Reference), "
+     "as highdicom lists them.")
     enc = Encoder(implicit=False, defined_length=True)
-    images = [enc.element(0x00081150, b"UI", _uid(h.SOPClassUID)) + enc.element(0x00081155, b"UI", _uid(h.SOPInstanceUID))
+    images = [enc.element(0x00081150, b"UI", _uid(h.SOPClassUID))
+              + enc.element(0x00081155, b"UI", _uid(h.SOPInstanceUID))
               for h in headers]
     by_series: dict[str, list[bytes]] = defaultdict(list)
-    for h, image in zip(headers, images):
+    for h, image in zip(headers, images, strict=True):
         by_series[str(h.SeriesInstanceUID)].append(image)
-    series = [enc.sequence(0x0008114A, refs) + enc.element(0x0020000E, b"UI", _uid(uid)) for uid, refs in by_series.items()]
+    series = [enc.sequence(0x0008114A, refs) + enc.element(0x0020000E, b"UI", _uid(uid))
+              for uid, refs in by_series.items()]
     return images, series
 
 
@@ -307,7 +310,8 @@ class _Mismatch(Exception):
 
 def _check(what: str, ours: bytes, theirs: bytes) -> None:
     if ours != theirs:
-        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                  min(len(ours), len(theirs)))
         raise _Mismatch(f"{what} differs from highdicom's at byte {at} of {len(theirs)}")
 
 
@@ -346,7 +350,8 @@ def build_seg(result: Result, *, seg_type: SegType = SegType.BINARY) -> Dataset:
         _check("SourceImageSequence", _sequence_bytes(_SOURCE_IMAGES, images), pydicom_bytes(template[_SOURCE_IMAGES]))
         _check("ReferencedSeriesSequence", _sequence_bytes(_REFERENCED_SERIES, series),
                pydicom_bytes(template[_REFERENCED_SERIES]))
-        _check("PixelData", _pixel_data(segments[:TEMPLATE_SLICES], sub_order, numbers, bits, members), template.PixelData)
+        _check("PixelData", _pixel_data(segments[:TEMPLATE_SLICES], sub_order, numbers, bits, members),
+               template.PixelData)
     except (_Mismatch, AttributeError, KeyError, IndexError) as exc:
         log.warning("SEG fast path not taken (%s); highdicom builds all %d frames", exc, len(headers))
         return build_seg_highdicom(result, seg_type=seg_type)

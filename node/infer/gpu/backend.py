@@ -151,7 +151,7 @@ def onnx_at_precision(bundle: Bundle, precision: Precision) -> bytes:
 
     from node.infer.gpu.mixed_precision import to_mixed_precision
 
-    model = to_mixed_precision(onnx.load(str(bundle.model_file)), precision.value)  # type: ignore[arg-type]
+    model = to_mixed_precision(onnx.load(str(bundle.model_file)), precision.value)
     return bytes(model.SerializeToString())
 
 

@@ -111,7 +111,8 @@ def bench_tensorrt(bundle: Bundle, state_dir: Path, repeats: int, gpu_index: int
     return rows
 
 
-def bench(bundles: list[Bundle], *, state_dir: Path, repeats: int, gpu_index: int, threads: int) -> tuple[list[BenchRow], list[str]]:
+def bench(bundles: list[Bundle], *, state_dir: Path, repeats: int, gpu_index: int,
+          threads: int) -> tuple[list[BenchRow], list[str]]:
     """Rows for every network bundle; notes say why a backend has no rows."""
     from node.infer.backends.onnxrt import OnnxRuntimeEngine
 

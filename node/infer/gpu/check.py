@@ -27,7 +27,7 @@ def check_input(bundle: Bundle, batch: int = 1) -> np.ndarray:
     for b in range(batch):
         centre = rng.uniform(-0.4, 0.4, size=3)
         radius = rng.uniform(0.3, 0.6)
-        blob = sum((g - c) ** 2 for g, c in zip(grids, centre)) < radius**2
+        blob = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=False)) < radius**2
         field = 0.5 * (1 + grids[0] * rng.uniform(-0.5, 0.5)) + 0.4 * blob
         noisy = field + rng.normal(0.0, 0.05, size=field.shape)
         out[b, 0] = lo + (hi - lo) * np.clip(noisy, 0.0, 1.0)

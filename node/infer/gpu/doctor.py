@@ -127,8 +127,10 @@ def doctor(bundles: list[Bundle], *, backend: EngineBackend, state_dir: Path | N
             problem = str(exc)
     else:
         problem = status["pycuda"].detail
-    trt_version = status["tensorrt"].detail.removeprefix("TensorRT ") if status["tensorrt"].available else "(not installed)"
-    rows = [bundle_row(b, gpu, trt_version, state_dir if profile_path is None else None) for b in bundles] if gpu else []
+    trt_version = (status["tensorrt"].detail.removeprefix("TensorRT ") if status["tensorrt"].available
+                   else "(not installed)")
+    rows = ([bundle_row(b, gpu, trt_version, state_dir if profile_path is None else None) for b in bundles]
+            if gpu else [])
     missing = [b.detail for b in backends[1:3] if not b.available]
     if backend is EngineBackend.CPU:
         verdict = "engines.backend is 'cpu': every model runs on ONNX Runtime on the CPU; the GPU is not used."

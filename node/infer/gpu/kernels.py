@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -134,7 +135,7 @@ class Kernels:
         """transforms.resample_centred from ``spacing`` to ``target`` mm into float32 ``out_shape``, then
         transforms.normalise when ``norm`` is given."""
         kernel = f"resample_centred_{_source_suffix(np.dtype(dtype))}"
-        ratios = [float(t) / float(s) for s, t in zip(spacing, target)]
+        ratios = [float(t) / float(s) for s, t in zip(spacing, target, strict=False)]
         args = (src, dst, *in_shape, *out_shape, *ratios, *axis_order(in_shape, out_shape),
                 *(norm.args() if norm else _NO_NORMALISATION))
         self._launch(kernel, math.prod(out_shape), args, stream)
@@ -186,7 +187,8 @@ def cuda_step(what: str) -> Iterator[None]:
         yield
     except InferenceError:
         raise
-    except Exception as exc:  # pycuda.driver.Error and subclasses, TensorRT's RuntimeError, MemoryError of pinned memory
+    except Exception as exc:  # pycuda.driver.Error and subclasses, TensorRT's RuntimeError,
+        # MemoryError of pinned memory
         raise InferenceError(f"CUDA failed while {what}: {exc}") from exc
 
 

@@ -144,8 +144,9 @@ def _converted_weight(tensor: onnx.TensorProto, low: LowPrecision, new_name: str
     if overflow.any():
         worst = float(np.abs(values[overflow]).max())
         limit = f"±{FP16_MAX:g}" if low == "fp16" else "±3.39e38"
-        raise BundleError(f"weight {tensor.name!r} holds {worst:g}, beyond the {low} range ({limit}); run its consumers "
-                          f"in float32 (keep_fp32) or use {'bf16' if low == 'fp16' else 'float32'}")
+        raise BundleError(f"weight {tensor.name!r} holds {worst:g}, beyond the {low} range ({limit}); "
+                          f"run its consumers in float32 (keep_fp32) or use "
+                          f"{'bf16' if low == 'fp16' else 'float32'}")
     if simulate:
         return numpy_helper.from_array(rounded, new_name)
     if low == "fp16":
@@ -252,7 +253,8 @@ class _Rewriter:
         return name
 
     def cast(self, source: str, target: str, to: int) -> None:
-        self.nodes.append(helper.make_node("Cast", [source], [target], to=to, name=self.fresh(f"cast_{_label(to)}:{target}")))
+        self.nodes.append(helper.make_node("Cast", [source], [target], to=to,
+                                           name=self.fresh(f"cast_{_label(to)}:{target}")))
 
     def round_trip(self, source: str, target: str, middle: str) -> None:
         """``target`` = ``source`` rounded through the low type, via ``middle`` (simulate)."""
@@ -288,8 +290,8 @@ class _Rewriter:
     def rewrite(self) -> None:
         for node in self.graph.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                raise BundleError(f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph; mixed precision "
-                                  "handles straight-line graphs only")
+                raise BundleError(f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph; "
+                                  "mixed precision handles straight-line graphs only")
             self.rewrite_node(node)
 
     def rewrite_node(self, original: onnx.NodeProto) -> None:
@@ -304,7 +306,7 @@ class _Rewriter:
         outs = [(_formal(list(schema.outputs), i) if schema else None) for i in range(len(node.output))]
         allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints} if schema else {}
         bound: dict[str, set[int]] = {}
-        for name, param in [*zip(node.input, ins), *zip(node.output, outs)]:
+        for name, param in [*zip(node.input, ins, strict=True), *zip(node.output, outs, strict=True)]:
             if name and param in allowed:
                 bound.setdefault(param, set()).add(self.types[name])
         data = {p for p in outs if p in allowed and bound.get(p) == {_FLOAT}}
@@ -313,7 +315,8 @@ class _Rewriter:
         if data:
             square = node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]
             fits = all(self.low_str in allowed[p] for p in data)
-            activations = [n for n, p in zip(node.input, ins) if n and p in data and n not in self.constants]
+            activations = [n for n, p in zip(node.input, ins, strict=True)
+                           if n and p in data and n not in self.constants]
             if node.op_type in self.keep or (square and "Pow" in self.keep) or not fits:
                 precision = _FLOAT
                 self.kept_ops.add("Pow (x*x)" if square and node.op_type not in self.keep else node.op_type)
@@ -325,7 +328,7 @@ class _Rewriter:
                 precision = self.low
             self.counts["low" if precision == self.low else "fp32"] += 1
 
-        for i, (name, param) in enumerate(zip(node.input, ins)):
+        for i, (name, param) in enumerate(zip(node.input, ins, strict=True)):
             if not name:
                 continue
             if precision is not None and param in data:
@@ -333,14 +336,14 @@ class _Rewriter:
             else:  # keeps its type, or takes whichever version exists when the op allows it and all agree
                 want = self.types[name]
                 if param in allowed:
-                    natives = {self.native[n] for n, p in zip(node.input, ins) if n and p == param}
+                    natives = {self.native[n] for n, p in zip(node.input, ins, strict=True) if n and p == param}
                     native = self.native[name]
                     if len(natives) == 1 and _type_str(native) in allowed[param] and native != TensorProto.UNDEFINED:
                         want = native
             node.input[i] = self.get(name, want)
 
         after: list[tuple[str, str]] = []  # (produced, graph output) casts/round trips to emit after the node
-        for i, (name, param) in enumerate(zip(node.output, outs)):
+        for i, (name, param) in enumerate(zip(node.output, outs, strict=True)):
             if not name:
                 continue
             if precision == self.low and param in data:
@@ -383,7 +386,8 @@ class _Rewriter:
         graph.initializer.extend([*kept, *self.new_initializers])
         del graph.value_info[:]  # stale types; inference recomputes them
         kind = f"{self.low_name} simulated in float32" if self.simulate else self.low_name
-        summary = (f"{kind}: {self.counts['low']} floating-point nodes in {self.low_name}, {self.counts['fp32']} in float32 "
+        summary = (f"{kind}: {self.counts['low']} floating-point nodes in {self.low_name}, "
+                   f"{self.counts['fp32']} in float32 "
                    f"(kept: {', '.join(sorted(self.kept_ops)) or 'none'})")
         props = [p for p in self.model.metadata_props if p.key != "node.mixed_precision"]
         del self.model.metadata_props[:]

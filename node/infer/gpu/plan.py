@@ -32,7 +32,9 @@ MAX_BATCH_CAP = 32
 CONTEXT_OVERHEAD_BYTES = 512 * MiB
 
 
-class Precision(str, Enum):
+# Not a StrEnum: mypy types a StrEnum's .value as plain str, while backend.onnx_at_precision passes
+# precision.value where the literals "fp16" | "bf16" are required.
+class Precision(str, Enum):  # noqa: UP042
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
@@ -70,7 +72,8 @@ def choose_precision(gpu: GpuProfile, requested: PrecisionRequest | str = Precis
                                                f"(the bundle {why})")
     if requested is PrecisionRequest.BF16:
         if gpu.supports_bf16:
-            return PrecisionChoice(Precision.BF16, f"BF16 on tensor cores (compute capability {cc}), as the bundle asks")
+            return PrecisionChoice(Precision.BF16,
+                                   f"BF16 on tensor cores (compute capability {cc}), as the bundle asks")
         return PrecisionChoice(Precision.FP16, f"FP16: the bundle asks for BF16, which needs compute capability 8.0; "
                                                f"{gpu.name} has {cc}")
     return PrecisionChoice(Precision.FP16, f"FP16 on tensor cores (compute capability {cc}); FP32 accumulation, "
@@ -132,7 +135,8 @@ def size_batches(gpu: GpuProfile, cost: ModelCost, precision: Precision, *, batc
     if batch_dim_fixed is not None:
         if fits < batch_dim_fixed:
             raise InferenceError(f"{name} has a fixed batch of {batch_dim_fixed}; only {fits} fit(s) in "
-                                 f"{MEMORY_FRACTION:.0%} of the {gpu.free_memory_bytes / MiB:,.0f} MiB free on {gpu.name}")
+                                 f"{MEMORY_FRACTION:.0%} of the {gpu.free_memory_bytes / MiB:,.0f} MiB free on "
+                                 f"{gpu.name}")
         return BuildSizing(batch_dim_fixed, batch_dim_fixed, batch_dim_fixed, workspace, per_sample, fixed, budget,
                            f"batch fixed at {batch_dim_fixed} (by the model's input, or one block per series)")
     max_batch = _power_of_two_at_most(int(min(fits, MAX_BATCH_CAP)))

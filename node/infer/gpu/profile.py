@@ -10,6 +10,7 @@ profile is unit-tested on CPU-only machines against recorded ones (``tests/data/
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -125,7 +126,8 @@ class GpuProfile:
                 source=str(data.get("source", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise InferenceError(f"{where} is not a GPU profile: {exc!r} (see node/infer/gpu/profile.py for the fields)") from exc
+            raise InferenceError(f"{where} is not a GPU profile: {exc!r} "
+                                 "(see node/infer/gpu/profile.py for the fields)") from exc
 
     @classmethod
     def load(cls, path: Path) -> GpuProfile:
@@ -167,10 +169,8 @@ def _nvml_figures(index: int) -> dict[str, int | str]:
                 continue
             figures[key] = value.decode() if isinstance(value, bytes) else value
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
     return figures
 
 

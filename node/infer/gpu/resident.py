@@ -23,7 +23,8 @@ CPU emulation of kernels.cu.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -135,7 +136,8 @@ class ResidentPipeline:
     def _check_engine(self, tile: Shape) -> None:
         e = self.engine
         if tuple(e.tile_shape) != tuple(tile):
-            raise InferenceError(f"{e.name} takes tiles of {tuple(e.tile_shape)}; the bundle's window needs {tuple(tile)}")
+            raise InferenceError(f"{e.name} takes tiles of {tuple(e.tile_shape)}; "
+                                 f"the bundle's window needs {tuple(tile)}")
         if e.max_batch < 1:
             raise InferenceError(f"{e.name} has max_batch {e.max_batch}; it must run at least one tile")
         if not 1 <= e.channels <= 256:
@@ -148,7 +150,7 @@ class ResidentPipeline:
             raise InferenceError(f"expected a (D, H, W) volume, got shape {voxels.shape}")
         if voxels.dtype != np.int16 and voxels.dtype != np.float32:
             voxels = voxels.astype(np.float32)
-        native: Shape = voxels.shape  # type: ignore[assignment]
+        native: Shape = voxels.shape
         src = self._upload("volume", np.ascontiguousarray(voxels))
         norm = Normalisation.of(pre)
         if pre.spacing_mm is None:
@@ -163,7 +165,8 @@ class ResidentPipeline:
         return image, model
 
     # ------------------------------------------------------------------------------- sliding
-    def sliding_labels(self, voxels: np.ndarray, spacing: Sequence[float], pre: Preprocess, window: Window) -> np.ndarray:
+    def sliding_labels(self, voxels: np.ndarray, spacing: Sequence[float], pre: Preprocess,
+                       window: Window) -> np.ndarray:
         """segment._sliding on the GPU: (D, H, W) uint8 labels on the volume's grid, before post-processing."""
         engine, k = self.engine, self.kernels
         patch: Shape = tuple(window.patch)  # type: ignore[assignment]
@@ -171,7 +174,7 @@ class ResidentPipeline:
         if tuple(engine.output_shape) != patch:
             raise InferenceError(f"{engine.name} returns {tuple(engine.output_shape)} per tile; the sliding window "
                                  f"needs the tile's own shape {patch}")
-        native: Shape = voxels.shape  # type: ignore[assignment]
+        native: Shape = voxels.shape
         image, model = self._model_image(voxels, spacing, pre, centred=False)  # to_model_grid: resample_linear
         pad_value = (pre.clip[0] + pre.offset) * pre.scale  # segment._sliding's
 

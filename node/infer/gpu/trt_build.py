@@ -80,7 +80,8 @@ def build_plan(onnx_model: bytes, key: PlanKey, timing_cache: bytes | None, *, w
     # The model's own path lets the parser find weights stored beside it (ONNX external data).
     if not (parser.parse(onnx_model, model_path) if model_path else parser.parse(onnx_model)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise InferenceError(f"TensorRT's ONNX parser rejected {key.bundle}'s model: {'; '.join(errors) or logger.errors}")
+        raise InferenceError(f"TensorRT's ONNX parser rejected {key.bundle}'s model: "
+                             f"{'; '.join(errors) or logger.errors}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -106,7 +107,8 @@ def build_plan(onnx_model: bytes, key: PlanKey, timing_cache: bytes | None, *, w
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise InferenceError(f"TensorRT could not build {key.bundle}'s plan: {'; '.join(logger.errors) or 'see the log'}")
+        raise InferenceError(f"TensorRT could not build {key.bundle}'s plan: "
+                             f"{'; '.join(logger.errors) or 'see the log'}")
     return bytes(serialized), bytes(cache.serialize())
 
 

@@ -115,7 +115,8 @@ class TensorRTEngine:
         for tensor in (input_name, output_name):
             dtype = trt.nptype(self._engine.get_tensor_dtype(tensor))
             if dtype != np.float32:
-                raise InferenceError(f"{name}: tensor {tensor!r} is {np.dtype(dtype).name}; the node feeds and reads float32")
+                raise InferenceError(f"{name}: tensor {tensor!r} is {np.dtype(dtype).name}; "
+                                     "the node feeds and reads float32")
         self._resident: Any = None
         self._resident_error: str | None = None
         in_count = max_batch * int(np.prod(self.tile_shape))
@@ -152,7 +153,8 @@ class TensorRTEngine:
                 if not self._exec.set_tensor_address(tensor, int(ptr)):
                     raise InferenceError(f"{self.name}: TensorRT refused the address of {tensor!r}")
             if not self._exec.execute_async_v3(stream.handle):
-                raise InferenceError(f"{self.name}: execute_async_v3 refused the batch: {'; '.join(self._logger.errors)}")
+                raise InferenceError(f"{self.name}: execute_async_v3 refused the batch: "
+                                     f"{'; '.join(self._logger.errors)}")
 
     # ----------------------------------------------------------------------------------- Engine
     def run(self, tiles: np.ndarray) -> np.ndarray:
@@ -160,7 +162,8 @@ class TensorRTEngine:
         import pycuda.driver as cuda
 
         if tuple(tiles.shape[1:]) != (1, *self.tile_shape):
-            raise InferenceError(f"{self.name}: tiles of shape {tiles.shape[1:]}; the plan takes (1, {self.tile_shape})")
+            raise InferenceError(f"{self.name}: tiles of shape {tiles.shape[1:]}; "
+                                 f"the plan takes (1, {self.tile_shape})")
         n = tiles.shape[0]
         sample_in = int(np.prod(self.tile_shape))
         sample_out = self.channels * int(np.prod(self.output_shape))
@@ -173,7 +176,8 @@ class TensorRTEngine:
                 batch = min(self.max_batch, n - start)
                 slot = self._slots[i % 2]
                 self._collect(slot, result, sample_out)  # this slot's previous batch, if any
-                slot.host_in[: batch * sample_in] = np.ascontiguousarray(tiles[start : start + batch], np.float32).ravel()
+                slot.host_in[: batch * sample_in] = np.ascontiguousarray(tiles[start : start + batch],
+                                                                         np.float32).ravel()
                 cuda.memcpy_htod_async(slot.device_in, slot.host_in[: batch * sample_in], slot.stream)
                 slot.copied_in.record(slot.stream)
                 self._compute.wait_for_event(slot.copied_in)
@@ -207,7 +211,8 @@ class TensorRTEngine:
                 self._resident = ResidentPipeline(self)
             except InferenceError as exc:
                 self._resident_error = str(exc)
-                log.warning("%s: pre/post-processing stays on the CPU (the kernels cannot be loaded: %s)", self.name, exc)
+                log.warning("%s: pre/post-processing stays on the CPU (the kernels cannot be loaded: %s)",
+                            self.name, exc)
         return self._resident
 
     @property
