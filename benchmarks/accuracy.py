@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from node.assemble.volume import build_volume, read_series  # noqa: E402
-from node.model.volume import Volume  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
 from node.errors import Declined  # noqa: E402
+from node.infer.backends.loader import make_engine  # noqa: E402
 from node.infer.manifest import discover_bundles  # noqa: E402
 from node.infer.segment import segment_volume  # noqa: E402
-from node.jobs.engines import make_engine  # noqa: E402
+from node.model.volume import Volume  # noqa: E402
 from node.write.result import label_mask  # noqa: E402
 from tests.harness.nifti import load_nifti_volume  # noqa: E402
 

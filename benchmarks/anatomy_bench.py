@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script: the repository root must be importable before these imports
 
-from node.model.volume import Geometry
-from tests.harness.synthetic_ct import HU_LUNG, body_mask_lps, phantom_hu
+from node.model.volume import Geometry  # noqa: E402
+from tests.harness.synthetic_ct import HU_LUNG, body_mask_lps, phantom_hu  # noqa: E402
 
 
 def phantom(slices: int, size: int, pixel_mm: float = 0.8, slice_mm: float = 1.25,
@@ -85,7 +85,7 @@ def child(path: Path, meta: dict) -> None:
     g = meta["geometry"]
     geometry = Geometry(origin=np.array(g["origin"]), row_dir=np.array(g["row_dir"]), col_dir=np.array(g["col_dir"]),
                         normal=np.array(g["normal"]), slice_step=np.array(g["slice_step"]),
-                        spacing=tuple(g["spacing"]), shape=tuple(g["shape"]))  # type: ignore[arg-type]
+                        spacing=tuple(g["spacing"]), shape=tuple(g["shape"]))
     base = _rss_kib()
     start, cpu = time.perf_counter(), time.process_time()
     labels = anatomy.segment_body_lungs(voxels, geometry)
@@ -96,7 +96,7 @@ def child(path: Path, meta: dict) -> None:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+    return float(2 * np.count_nonzero(a & b) / max(int(np.count_nonzero(a) + np.count_nonzero(b)), 1))
 
 
 def run_grid(slices: int, size: int, pixel_mm: float, slice_mm: float, repeats: int) -> list[str]:
@@ -119,7 +119,8 @@ def run_grid(slices: int, size: int, pixel_mm: float, slice_mm: float, repeats: 
         f"{slices}×{size}×{size}", f"{pixel_mm:g}×{slice_mm:g}",
         " ".join(f"{r['seconds']:.2f}" for r in runs), f"{min(r['seconds'] for r in runs):.2f}",
         f"{min(r['cpu'] for r in runs):.2f}", f"{max(r['extra_kib'] for r in runs) / 1024:.0f}",
-        f"{dice(labels > 0, truth > 0):.4f}", f"{dice(labels == 2, truth == 2):.4f}", f"{dice(labels == 3, truth == 3):.4f}",
+        f"{dice(labels > 0, truth > 0):.4f}", f"{dice(labels == 2, truth == 2):.4f}",
+        f"{dice(labels == 3, truth == 3):.4f}",
     ]
 
 
@@ -142,9 +143,9 @@ def main() -> int:
     widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(header)]
     print(f"CPU cores {os.cpu_count()}, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
           "targets: ≤ 3 s, ≤ 1024 MiB extra")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     return 0
 
 

@@ -46,7 +46,7 @@ def make_volume(path: Path) -> str:
         tiled = np.concatenate([voxels, voxels[::-1], voxels, voxels[::-1]], axis=0).astype(np.float32)
         extent = np.array(tiled.shape) * np.array(geometry.spacing)
         big = resample_linear(tiled, SHAPE)
-        spacing = tuple(float(e / n) for e, n in zip(extent, SHAPE))
+        spacing = tuple(float(e / n) for e, n in zip(extent, SHAPE, strict=True))
         row_dir, col_dir = geometry.row_dir, geometry.col_dir
         source = "TotalSegmentator example CT, mirrored ×4 along z, resampled"
     else:
@@ -78,9 +78,9 @@ def child(volume_path: Path, bundle_names: list[str], threads: int) -> None:
     """One worker's run: print a JSON line of per-bundle seconds, the outcome and the peak RSS."""
     from node.config import NodeConfig
     from node.errors import Declined
+    from node.infer.backends.loader import make_engine
     from node.infer.manifest import discover_bundles
     from node.infer.segment import segment_volume
-    from node.jobs.engines import make_engine
 
     cfg = NodeConfig(engine_threads=threads)
     bundles = discover_bundles(REPO / "engines", tuple(bundle_names))
@@ -120,7 +120,8 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--child", str(volume_path), "--threads", str(args.threads)]
             for name in args.bundle:
                 cmd += ["--bundle", name]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
             if proc.returncode != 0:
                 print(proc.stdout + proc.stderr, file=sys.stderr)
                 return 1

@@ -30,6 +30,7 @@ SIGINT/SIGTERM/SIGHUP).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -96,14 +97,11 @@ def _stop(proc: subprocess.Popen[bytes], *, grace_s: float = 15.0) -> None:
             except subprocess.TimeoutExpired:
                 continue
     if pgid is not None:
-        try:  # stragglers of the group (workers, resource tracker) whose leader already exited
+        # stragglers of the group (workers, resource tracker) whose leader already exited
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        pass
     if proc in _CHILDREN:
         _CHILDREN.remove(proc)
 
@@ -507,7 +505,8 @@ def bench_turnaround(files: list[Path], work: Path, say: Callable[[str], None],
 def _fmt_table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
@@ -594,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         say("turnaround:")
         turnaround = bench_turnaround(files, work, say)
         dcmtk = subprocess.run([str(STORESCU), "--version"], capture_output=True, text=True, timeout=10)
-        result = {
+        result: dict[str, Any] = {
             "command": command,
             "environment": {
                 "cpus": os.cpu_count(),

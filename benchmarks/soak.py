@@ -36,8 +36,9 @@ slope is below 10 per hour. A 10-minute run only resolves slopes of roughly ±20
 service: an hour or more gives a much sharper answer.
 
 Disk: the node's retention (``[retention] keep_days``, default 7 days) deletes finished, delivered
-series only after days, so during a soak the state directory grows by about ``slices × (matrix² × 2 + 1.7 KiB)`` per series (10 MiB at
-300 × 128²). The run ends early, with a note, when it exceeds ``--max-state-gib`` (default 20).
+series only after days, so during a soak the state directory grows by about
+``slices × (matrix² × 2 + 1.7 KiB)`` per series (10 MiB at 300 × 128²). The run ends early, with a
+note, when it exceeds ``--max-state-gib`` (default 20).
 storescp's received files are counted and deleted as they arrive.
 
 Exit status: 0 when memory is flat and nothing failed, 1 when memory is not flat, 2 when a push
@@ -63,17 +64,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
-from tests.harness.dcmtk import STORESCU, StoreSCP, tool_missing_reason
-from tests.harness.node_process import NodeProcess
-from tests.harness.synthetic_ct import write_ct_series
-from tests.harness.index_rows import read_index
-from tests.harness.proctable import descendants
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the repository root must be importable before these imports
+
+from tests.harness.dcmtk import STORESCU, StoreSCP, tool_missing_reason  # noqa: E402
+from tests.harness.index_rows import read_index  # noqa: E402
+from tests.harness.node_process import NodeProcess  # noqa: E402
+from tests.harness.proctable import descendants  # noqa: E402
+from tests.harness.synthetic_ct import write_ct_series  # noqa: E402
 
 ONE_BUNDLE = '[engines]\nbundles = ["body-threshold"]\n'
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -180,8 +181,8 @@ def _push(directory: Path, port: int, called_aet: str, calling_aet: str, timeout
     cmd = [str(STORESCU), "-v", "-aet", calling_aet, "-aec", called_aet, "-to", t, "-ta", t, "-ts", t,
            "+sd", "127.0.0.1", str(port), str(directory)]
     try:
-        proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                              timeout=timeout_s, env={**os.environ, "TCP_NODELAY": "1"})
+        proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=timeout_s, env={**os.environ, "TCP_NODELAY": "1"})
     except subprocess.TimeoutExpired:
         return 0, 0, f"{calling_aet}: storescu did not finish in {timeout_s:.0f} s"
     lines = (proc.stdout + proc.stderr).splitlines()
@@ -307,7 +308,7 @@ class Soak:
                 c.push_seconds += time.monotonic() - t0
                 for d in dirs:
                     shutil.rmtree(d)
-                for files, acked, problem in results:
+                for _files, acked, problem in results:
                     c.series_sent += 1
                     c.instances_acked += acked
                     if problem:
@@ -438,9 +439,9 @@ def render(soak: Soak, rows: list[dict[str, Any]], v: dict[str, Any], command: s
              (f"host: {os.cpu_count()} CPUs; {soak.args.slices} × {soak.args.matrix}² CT series, "
               f"{soak.args.parallel} concurrent storescu per round, at most {soak.args.max_queue} jobs pending "
               f"before the next round; samples every {soak.args.sample_s:g} s"),
-             "  ".join(h.rjust(w) for h, w in zip(header, widths)),
+             "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths)) for t in table]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths, strict=True)) for t in table]
     c = soak.counters
     last = soak.samples[-1] if soak.samples else None
     lines.append("")
@@ -463,11 +464,13 @@ def render(soak: Soak, rows: list[dict[str, Any]], v: dict[str, Any], command: s
     else:
         lines.append(
             f"verdict: memory {'FLAT' if v.get('flat') else 'NOT FLAT'} over the second half of the pushing "
-            f"({'-'.join(f'{t / 60:.1f}' for t in v.get('second_half_s', [0, 0]))} min, {v.get('samples', 0)} samples, "
+            f"({'-'.join(f'{t / 60:.1f}' for t in v.get('second_half_s', [0, 0]))} min, "
+            f"{v.get('samples', 0)} samples, "
             f"{v.get('floor_minutes', 0)} whole minutes): service RSS "
             f"{v.get('server_rss_slope_mib_per_h', 0):+.1f} MiB/h, worker RSS floor "
             f"{v.get('worker_rss_floor_slope_mib_per_h', 0):+.1f} MiB/h (all worker samples "
-            f"{v.get('worker_rss_slope_all_samples_mib_per_h', 0):+.1f} MiB/h), fds {v.get('fds_slope_per_h', 0):+.1f}/h, "
+            f"{v.get('worker_rss_slope_all_samples_mib_per_h', 0):+.1f} MiB/h), "
+            f"fds {v.get('fds_slope_per_h', 0):+.1f}/h, "
             f"threads {v.get('threads_slope_per_h', 0):+.1f}/h; threshold {v.get('threshold_mib_per_h')} MiB/h")
     lines.append(f"total time {total_s / 60:.1f} min")
     return "\n".join(lines)

@@ -38,9 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.assemble.volume import build_volume, read_series
-from node.model.volume import Volume
 from node.infer.manifest import discover_bundles
 from node.model.bundle import Bundle, Code, Label
+from node.model.volume import Volume
 from node.write.contours import Contours
 from node.write.files import save_dataset, write_results
 from node.write.provenance import Provenance
@@ -150,7 +150,8 @@ def main() -> int:
             _timed("RTSTRUCT encode", partial(_save_rtstruct, result, traced, out / "rt.dcm"), wall, cpu)
             del seg, traced
             gc.collect()
-            objects = _timed("total", lambda: write_results(result, out / "pipeline", seg_type=args.seg_type), wall, cpu)
+            objects = _timed("total", lambda: write_results(result, out / "pipeline", seg_type=args.seg_type),
+                             wall, cpu)
             sizes = {o.kind: o.path.stat().st_size for o in objects}
 
     print(f"volume {volume.voxels.shape}, structures {[label.name for label in result.found]}, "

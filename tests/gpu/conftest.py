@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest

@@ -26,7 +26,8 @@ Shape = tuple[int, int, int]
 @pytest.mark.parametrize("dtype", [np.int16, np.float32])
 @pytest.mark.parametrize("in_shape, out_shape", checks.ALIGNED)
 @pytest.mark.parametrize("fused", [False, True])
-def test_resample_aligned(kernels: Any, memory: Any, dtype: type, in_shape: Shape, out_shape: Shape, fused: bool) -> None:
+def test_resample_aligned(kernels: Any, memory: Any, dtype: type, in_shape: Shape, out_shape: Shape,
+                          fused: bool) -> None:
     checks.check_resample_aligned(kernels, memory, dtype, in_shape, out_shape, fused, exact=False)
 
 
@@ -121,5 +122,6 @@ def test_a_broken_ptx_is_a_clear_error(cuda_context: Any, tmp_path: Any, monkeyp
     bad.write_text(".version 99.9\n.target sm_75\nnot ptx\n")
     monkeypatch.setattr(module, "KERNELS_PTX", bad)
     monkeypatch.setattr(module.shutil, "which", lambda name: None)  # as if nvcc were not installed
-    with pytest.raises(InferenceError, match=r"nvcc is not on PATH; the driver could not load kernels.ptx \(PTX ISA 99.9"):
+    with pytest.raises(InferenceError,
+                       match=r"nvcc is not on PATH; the driver could not load kernels.ptx \(PTX ISA 99.9"):
         module.load_module()

@@ -110,7 +110,7 @@ def make_engine(request: pytest.FixtureRequest, cuda_context: Any) -> Any:
 
 
 @pytest.mark.parametrize("case", checks.SLIDING, ids=lambda c: f"{c[0]}-{np.dtype(c[1]).name}-K{c[6]}-batch{c[7]}")
-def test_resident_sliding_is_segment_sliding(cuda_device: Any, make_engine: Any, case: tuple) -> None:  # type: ignore[type-arg]
+def test_resident_sliding_is_segment_sliding(cuda_device: Any, make_engine: Any, case: tuple) -> None:
     checks.check_resident_sliding(cuda_device, make_engine, case, exact=False)
 
 
@@ -124,7 +124,7 @@ def test_resident_buffers_are_reused(cuda_device: Any, make_engine: Any) -> None
 
 
 @pytest.mark.parametrize("case", checks.SINGLE, ids=lambda c: f"{c[0]}-{np.dtype(c[1]).name}-{c[5]}-K{c[6]}")
-def test_resident_single_block_is_block_py(cuda_device: Any, make_engine: Any, case: tuple) -> None:  # type: ignore[type-arg]
+def test_resident_single_block_is_block_py(cuda_device: Any, make_engine: Any, case: tuple) -> None:
     checks.check_resident_single_block(cuda_device, make_engine, case, exact=False)
 
 

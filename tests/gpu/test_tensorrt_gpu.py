@@ -20,11 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 # tests/gpu/conftest.py skips every test here without a GPU; these also need TensorRT.
 pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install '.[gpu]')")
 
+from node.infer.backends.onnxrt import OnnxRuntimeEngine  # noqa: E402
 from node.infer.gpu.backend import GpuSession, plan_engine  # noqa: E402
 from node.infer.gpu.mixed_precision import precision_agreement  # noqa: E402
 from node.infer.gpu.profile import read_profile  # noqa: E402
 from node.infer.manifest import load_bundle  # noqa: E402
-from node.infer.backends.onnxrt import OnnxRuntimeEngine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_tensorrt_agrees_with_onnxruntime(session: GpuSession, tmp_path: Path, n
     # Inputs in the normalised range the pipeline feeds: smooth blobs plus noise.
     tiles = (rng.normal(0, 0.3, size=(batch, 1, *spatial))
              + np.sin(np.linspace(0, 6, spatial[-1]))[None, None, None, None, :]).astype(np.float32)
-    got = engine.run(tiles)  # type: ignore[attr-defined]
+    got = engine.run(tiles)
     assert bundle.model_file is not None
     ort = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name)
     want = np.concatenate([ort.run(tiles[i : i + 1]) for i in range(batch)])
@@ -74,8 +74,8 @@ def test_double_buffered_run_equals_one_batch_at_a_time(session: GpuSession, tmp
     engine, plan, _ = session.engine(bundle, tmp_path)
     n = 2 * plan.sizing.max_batch + 1  # three batches: both slots used, one reused
     tiles = np.random.default_rng(3).normal(0, 1, size=(n, 1, *bundle.window.patch)).astype(np.float32)
-    together = engine.run(tiles)  # type: ignore[attr-defined]
-    one_by_one = np.concatenate([engine.run(tiles[i : i + 1]) for i in range(n)])  # type: ignore[attr-defined]
+    together = engine.run(tiles)
+    one_by_one = np.concatenate([engine.run(tiles[i : i + 1]) for i in range(n)])
     np.testing.assert_allclose(together, one_by_one, atol=1e-3)
 
 

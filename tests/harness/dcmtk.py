@@ -230,9 +230,8 @@ class StoreSCP:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 return f"exited with status {self._proc.returncode}: {self.log_text()[-2000:]}"
-            if _port_open(self.port):
-                if self._proc.poll() is None:  # not someone else's listener
-                    return ""
+            if _port_open(self.port) and self._proc.poll() is None:  # not someone else's listener
+                return ""
             time.sleep(0.02)
         self._terminate()
         return f"port not open after {self._startup_timeout}s: {self.log_text()[-2000:]}"

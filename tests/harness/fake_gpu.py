@@ -32,7 +32,7 @@ class _Allocation:
 
 
 def _view(ptr: int, count: int) -> np.ndarray:
-    return np.frombuffer((ctypes.c_float * count).from_address(ptr), dtype=np.float32)
+    return np.frombuffer(memoryview((ctypes.c_float * count).from_address(ptr)), dtype=np.float32)
 
 
 def make_pycuda(log: list[str]) -> types.ModuleType:

@@ -29,6 +29,7 @@ Caveats of Orthanc 1.10.1 (Debian build), checked against its binary and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -267,7 +268,8 @@ class OrthancServer:
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         env = dict(os.environ)
         env["TCP_NODELAY"] = "1"  # read by DCMTK's dcmnet: disable Nagle
-        self._log_file = open(self.log_path, "ab")
+        # Orthanc writes to this file for as long as it runs; stop()/_kill() closes it, so no `with` here.
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115
         began = time.monotonic()
         self._proc = subprocess.Popen(
             [self.executable, "--no-jobs", *self.log_flags, str(self.config_path)],
@@ -301,14 +303,10 @@ class OrthancServer:
         """Shut Orthanc down (REST, then SIGTERM, then SIGKILL)."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(OSError, OrthancError):
                 self.post("/tools/shutdown", b"", timeout=5)
-            except (OSError, OrthancError):
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
         self._kill()
         self._cleanup()
 

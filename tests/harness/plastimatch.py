@@ -189,10 +189,7 @@ def read_mha(path: Path) -> tuple[np.ndarray, Grid]:
     # MetaIO writes the direction of index axis c as the c-th group of three numbers.
     direction = _parse_floats(matrix).reshape(3, 3).T
     source = header["ElementDataFile"]
-    if source == "LOCAL":
-        data = blob[pos:]
-    else:
-        data = (Path(path).parent / source).read_bytes()
+    data = blob[pos:] if source == "LOCAL" else (Path(path).parent / source).read_bytes()
     if header.get("CompressedData", "False").lower() == "true":
         data = zlib.decompress(data)
     count = dims[0] * dims[1] * dims[2]
@@ -300,7 +297,7 @@ def rtstruct_to_masks(
 
     rt = dcmread(rtstruct, stop_before_pixels=True)
     roi_names = [str(item.ROIName) for item in rt.get("StructureSetROISequence", [])]
-    by_file_stem = {}
+    by_file_stem: dict[str, str] = {}
     for name in roi_names:
         by_file_stem.setdefault(name.strip(), name)
         by_file_stem.setdefault(_plastimatch_name(name), name)

@@ -17,7 +17,7 @@ RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 
 def read_sources(paths: Iterable[Path]) -> dict[str, Dataset]:
     """SOP Instance UID → header of each pushed source instance."""
-    out = {}
+    out: dict[str, Dataset] = {}
     for p in paths:
         ds = dcmread(p, stop_before_pixels=True)
         out[str(ds.SOPInstanceUID)] = ds

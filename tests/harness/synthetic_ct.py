@@ -57,6 +57,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     PYDICOM_ROOT_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -185,10 +186,7 @@ def _table_side(patient_position: str) -> tuple[int, int, int, float]:
             f"unsupported patient position {patient_position!r}; "
             f"expected one of {sorted(PATIENT_POSITIONS)}"
         ) from None
-    if axis == 1:
-        s0 = Y_BACK if sign > 0 else 2.0 * _B_MAX - Y_BACK
-    else:
-        s0 = _A_MAX
+    s0 = (Y_BACK if sign > 0 else 2.0 * _B_MAX - Y_BACK) if axis == 1 else _A_MAX
     return axis, sign, lateral, s0
 
 
@@ -510,7 +508,7 @@ def write_ct_series(
     ipp_text = [
         tuple(_ds(float(v)) for v in origin_v + k * slice_thickness * normal) for k in range(slices)
     ]
-    ipps = [tuple(float(t) for t in p) for p in ipp_text]
+    ipps = [(float(x), float(y), float(z)) for x, y, z in ipp_text]
 
     params = (
         slices, rows, columns, ps_text, _ds(slice_thickness), iop_text, ipp_text[0],
@@ -623,7 +621,7 @@ class _SeriesHeader:
     ) -> Dataset:
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = "SYNTH_CT_1"

@@ -38,7 +38,9 @@ def _rejection(assoc: Association) -> tuple[int, int, int]:
     rj = assoc.acceptor.primitive
     assert assoc.is_rejected, "the association was not rejected"
     assert rj is not None
-    return (int(rj.result), int(rj.result_source), int(rj.diagnostic))
+    result, source, diagnostic = rj.result, rj.result_source, rj.diagnostic
+    assert result is not None and source is not None and diagnostic is not None
+    return (int(result), int(source), int(diagnostic))
 
 
 CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognised

@@ -151,14 +151,15 @@ def test_bad_input_never_crashes_or_hangs_the_node(tmp_path: Path) -> None:
                 c.name: slow_pool.submit(send_case, c, HOST, port, called) for c in slow
             }
             paced_future = slow_pool.submit(paced_lane)
-            for batch, good in zip(batches, goods):
+            for batch, good in zip(batches, goods, strict=True):
                 futures = [pool.submit(send_case, c, HOST, port, called) for c in batch]
                 good_future = pool.submit(send_files, good.files, HOST, port, called, calling_ae="GOODSCU")
-                for case, future in zip(batch, futures):
+                for case, future in zip(batch, futures, strict=True):
                     sents[case.name] = future.result(timeout=120)
                 good_sent.append(good_future.result(timeout=120))
                 assert node.proc is not None and node.proc.poll() is None, (
-                    f"the node exited ({node.proc.returncode if node.proc else '?'}) during the corpus:\n{node.log_text()[-6000:]}"
+                    f"the node exited ({node.proc.returncode if node.proc else '?'}) during the corpus:\n"
+                    f"{node.log_text()[-6000:]}"
                 )
             for name, future in slow_futures.items():
                 sents[name] = future.result(timeout=150)
@@ -172,7 +173,7 @@ def test_bad_input_never_crashes_or_hangs_the_node(tmp_path: Path) -> None:
         # every good instance must be acknowledged (checked after the table is printed)
         good_refused = {
             good.series_uid: {sop: (st, sent.errors.get(sop, "")) for sop, st in sent.statuses.items() if st != 0}
-            for good, sent in zip(goods, good_sent)
+            for good, sent in zip(goods, good_sent, strict=True)
         }
         good_refused = {uid: bad for uid, bad in good_refused.items() if bad}
 
@@ -264,5 +265,5 @@ def test_corpus_is_deterministic(tmp_path: Path) -> None:
     b = generate_cases(tmp_path / "b", seed=SEED)
     assert [c.name for c in a] == [c.name for c in b]
     assert len(a) >= 500
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert [f.read_bytes() for f in x.files] == [f.read_bytes() for f in y.files], x.name

@@ -59,9 +59,9 @@ import pytest
 from pydicom import dcmread
 
 from tests.harness.dcmtk import STORESCU, StoreSCP, free_port, storescu, tool_missing_reason
+from tests.harness.index_rows import read_index
 from tests.harness.node_process import NodeProcess
 from tests.harness.synthetic_ct import write_ct_series
-from tests.harness.index_rows import read_index
 
 FULL = os.environ.get("DURABILITY_FULL", "") == "1"
 
@@ -301,9 +301,9 @@ def _print_table(reports: list[RoundReport], header: str) -> None:
                  "yes" if all(not r.problems for r in reports) else "NO"])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print(f"\n{header}")
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
     print("kill at #k+j: kill -9 j ms after storescu logged its k-th 'Sending file'. requests: store requests\n"
           "sent before the association died. acked: Success responses storescu saw. found: acknowledged\n"
           "instances indexed, spooled and identical after the restart. extra: instances of the round stored\n"
@@ -327,9 +327,10 @@ def test_acknowledged_instances_survive_kill9_during_push(tmp_path: Path) -> Non
             series = write_ct_series(tmp_path / f"ct{rnd:02d}", slices=SLICES, rows=MATRIX, columns=MATRIX,
                                      pixel_spacing=(pixel_spacing, pixel_spacing), seed=SEED + rnd,
                                      patient_id=f"DUR{rnd:03d}")
-            sop_by_file = dict(zip(series.files_in_slice_order, series.sop_instance_uids))
+            sop_by_file = dict(zip(series.files_in_slice_order, series.sop_instance_uids, strict=True))
             push = push_and_kill(node, series.files, sop_by_file, rng, push_timeout)
-            kill = f"#{push.kill_after_sending}+{push.jitter_ms:.1f}ms" + (" (after end)" if push.finished_before_kill else "")
+            kill = (f"#{push.kill_after_sending}+{push.jitter_ms:.1f}ms"
+                    + (" (after end)" if push.finished_before_kill else ""))
             report = RoundReport(rnd, kill, len(series.files), push.requests, len(push.acked))
             report.parts_at_kill = len(_parts(node.state_dir / "spool" / "tmp"))
             _start(node, f"r{rnd:02d}-restart")
@@ -438,7 +439,8 @@ def _finish(node: NodeProcess, pacs: StoreSCP, sc: Scenario, baseline: set[str] 
     if {c for c, _ in got} != {SEG_CLASS, RTSTRUCT_CLASS}:
         sc.problems.append(f"storescp received classes {sorted({c for c, _ in got})}, expected SEG and RTSTRUCT")
     if sc.unique != 2:
-        sc.problems.append(f"storescp received {sc.unique} distinct SOP Instance UIDs in {sc.files} file(s), expected 2")
+        sc.problems.append(f"storescp received {sc.unique} distinct SOP Instance UIDs in {sc.files} file(s), "
+                           "expected 2")
     if baseline is not None and uids != baseline:
         sc.problems.append(f"result UIDs {sorted(uids)} differ from the baseline run's {sorted(baseline)}")
     jobs = _db_rows(node.state_dir, "SELECT id FROM jobs")
@@ -457,9 +459,9 @@ def _print_scenarios(scenarios: list[Scenario]) -> None:
                      ",".join(s.results_at_kill) or "-", ",".join(s.outbox_at_kill) or "-", s.job_state,
                      str(s.attempts), str(s.files), str(s.unique), "yes" if not s.problems else "NO"])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
     for s in scenarios:
         if s.leftover_parts:
             print(f"  note: {s.name}: *.part files left in the state directory after recovery: {s.leftover_parts}")
@@ -495,12 +497,14 @@ def _kill_during_job(tmp_path: Path, series_dir: Path, name: str, window: tuple[
             try:
                 _start(node, "first")
                 storescu("127.0.0.1", node.port, node.ae_title, series_dir, timeout=120)
-                claimed = _wait("job claimed", lambda: (j := _job(node.state_dir)) is not None
+                # B023: these probes use this iteration's node and results; _wait polls them before it returns
+                claimed = _wait("job claimed", lambda: (j := _job(node.state_dir)) is not None  # noqa: B023
                                 and j["state"] != "queued" and j, JOB_TIMEOUT, 0.005)
                 claim_t = float(claimed["updated"])  # the claim's time.time()
                 if name == "writing":
-                    _wait("results folder", lambda: any(results.glob("job-*")) or
-                          ((j := _job(node.state_dir)) is not None and j["state"] != "running"), JOB_TIMEOUT, 0.002)
+                    _wait("results folder", lambda: any(results.glob("job-*")) or  # noqa: B023
+                          ((j := _job(node.state_dir)) is not None and j["state"] != "running"),  # noqa: B023
+                          JOB_TIMEOUT, 0.002)
                     sc.target_s = time.time() - claim_t + 0.4 * (window[1] - window[0])
                 else:
                     sc.target_s = (window[0] + window[1]) / 2

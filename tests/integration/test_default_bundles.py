@@ -63,7 +63,7 @@ def test_default_bundles_deliver_body_and_lungs_and_liver_ends_cleanly(tmp_path:
         k, i, j = np.nonzero(masks[side])
         assert len(k) > 0, side
         xs = []
-        for kk, ii, jj in zip(k[::97], i[::97], j[::97]):
+        for kk, ii, jj in zip(k[::97], i[::97], j[::97], strict=True):
             h = by_uid[uids[kk]]
             ipp, iop, ps = [float(v) for v in h.ImagePositionPatient], [float(v) for v in h.ImageOrientationPatient], \
                 [float(v) for v in h.PixelSpacing]

@@ -47,10 +47,10 @@ import pytest
 from pydicom import dcmread
 
 from tests.harness.dcmtk import StoreSCP, storescu, tool_missing_reason
-from tests.harness.node_process import NodeProcess
-from tests.harness.synthetic_ct import SyntheticSeries, write_ct_series
 from tests.harness.index_rows import read_index
+from tests.harness.node_process import NodeProcess
 from tests.harness.proctable import descendants, proc_table
+from tests.harness.synthetic_ct import SyntheticSeries, write_ct_series
 
 FULL = os.environ.get("LOAD_FULL", "") == "1"
 
@@ -254,7 +254,8 @@ def check_index_and_spool(state_dir: Path, expected: dict[str, set[str]]) -> lis
     if files - paths:
         problems.append(f"{len(files - paths)} spool file(s) without an index row, e.g. {sorted(files - paths)[:3]}")
     if paths - files:
-        problems.append(f"{len(paths - files)} index row(s) whose spool file is missing, e.g. {sorted(paths - files)[:3]}")
+        problems.append(f"{len(paths - files)} index row(s) whose spool file is missing, "
+                        f"e.g. {sorted(paths - files)[:3]}")
     wrong = []
     for row in rows:
         path = Path(row["path"])

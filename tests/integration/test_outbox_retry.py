@@ -29,11 +29,13 @@ def test_results_survive_an_outage_and_a_restart(tmp_path: Path) -> None:
         assert all("could not associate" in o["last_status"] for o in status["outbox"])
         assert "next try in" in node.log_text()
     # The node stops with undelivered results; they are in the index, not in memory.
-    with NodeProcess(tmp_path / "node", destinations=[f"PACS@127.0.0.1:{pacs_port}"],
-                     extra_toml="max_attempts = 50\nbackoff_max_s = 2.0\n", port=node.port) as again:
-        with StoreSCP(tmp_path / "pacs", ae_title="PACS", port=pacs_port) as pacs:
-            pacs.wait_for_files(2, timeout=60)
-            status = again.wait_status(lambda s: all(o["state"] == "sent" for o in s["outbox"]), timeout=60)
+    with (
+        NodeProcess(tmp_path / "node", destinations=[f"PACS@127.0.0.1:{pacs_port}"],
+                    extra_toml="max_attempts = 50\nbackoff_max_s = 2.0\n", port=node.port) as again,
+        StoreSCP(tmp_path / "pacs", ae_title="PACS", port=pacs_port) as pacs,
+    ):
+        pacs.wait_for_files(2, timeout=60)
+        status = again.wait_status(lambda s: all(o["state"] == "sent" for o in s["outbox"]), timeout=60)
     assert len(status["outbox"]) == 2
     assert {o["last_status"] for o in status["outbox"]} == {"0x0000 SUCCESS"}
     assert len(status["jobs"]) == 1  # delivered without segmenting again

@@ -27,7 +27,9 @@ def _rejection(assoc: Association) -> tuple[int, int, int]:
     assert assoc.is_rejected, "the association was not rejected"
     rj = assoc.acceptor.primitive
     assert rj is not None
-    return (int(rj.result), int(rj.result_source), int(rj.diagnostic))
+    result, source, diagnostic = rj.result, rj.result_source, rj.diagnostic
+    assert result is not None and source is not None and diagnostic is not None
+    return (int(result), int(source), int(diagnostic))
 
 
 def test_a_peer_over_its_limit_is_rejected_transiently(tmp_path: Path) -> None:

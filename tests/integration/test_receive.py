@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import UID
 
 from tests.harness.dcmtk import DcmtkError, storescu, tool_missing_reason
 from tests.harness.node_process import NodeProcess
@@ -61,7 +62,7 @@ def test_every_transfer_syntax_is_stored_as_sent(tmp_path: Path) -> None:
         if ts in RETIRED:
             continue
         uid = f"1.2.826.0.1.3680043.10.1001.{n + 1}"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
         out = tmp_path / "in" / f"{n:02d}.dcm"
         out.parent.mkdir(exist_ok=True)
         ds.save_as(out, enforce_file_format=True)

@@ -114,9 +114,12 @@ class TlsStoreSCP:
         self.ae = AE(ae_title="PACS")
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             self.ae.add_supported_context(cx.abstract_syntax)
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=ctx,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        server = self.ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=ctx,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert server is not None  # block=False returns the running server
+        self.server = server
 
     def _store(self, event: evt.Event) -> int:
         ds = event.dataset

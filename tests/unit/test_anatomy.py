@@ -18,7 +18,6 @@ import pytest
 from scipy import ndimage
 
 from node.assemble.volume import build_volume, read_series
-from node.model.volume import Geometry
 from node.errors import InferenceError
 from node.infer.anatomy import (
     BODY,
@@ -28,6 +27,7 @@ from node.infer.anatomy import (
     lung_masks,
     segment_body_lungs,
 )
+from node.model.volume import Geometry
 from tests.harness.nifti import (
     labels_on_grid,
     load_nifti_volume,
@@ -54,7 +54,7 @@ TS_SPLEEN, TS_LIVER, TS_HUMERUS = 1, 5, (69, 70)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+    return float(2 * np.count_nonzero(a & b) / max(int(np.count_nonzero(a) + np.count_nonzero(b)), 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,9 +76,10 @@ def sample(geometry: Geometry, position: str = "HFS", *, extras: tuple[str, ...]
 
     ``extras`` adds: "airway" (trachea above the lungs and main bronchi into both: not lung),
     "bowel" (a gas pocket below the lungs: not lung), "nasal" (midline air of lung density high
-    up: not lung), "larynx" (an airway behind a thin front of the neck: BODY, filled), "junction" (the lungs touch anteriorly: lung,
-    split at x = 0), "left-only" (no right lung, the left one reaches across the midline), "couch-contact" (a couch plate touching the back: not body), "arms" (an arm on
-    each side, separate from the trunk: body).
+    up: not lung), "larynx" (an airway behind a thin front of the neck: BODY, filled), "junction" (the
+    lungs touch anteriorly: lung, split at x = 0), "left-only" (no right lung, the left one reaches
+    across the midline), "couch-contact" (a couch plate touching the back: not body), "arms" (an arm
+    on each side, separate from the trunk: body).
     """
     points = patient_points(geometry)
     x, y, z = points[..., 0], points[..., 1], points[..., 2]
@@ -364,7 +365,7 @@ def test_lungs_agree_with_totalsegmentator_on_a_3mm_ct() -> None:
     assert np.count_nonzero((reference > 0) & (labels == 0)) == 0
 
 
-def _dicom_volume(folder: Path):  # type: ignore[no-untyped-def]
+def _dicom_volume(folder: Path):
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != "DIRFILE" and not p.name.endswith(".gz")]
     return build_volume(read_series(files))
 

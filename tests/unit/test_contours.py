@@ -32,14 +32,16 @@ def _reference_contours(stack: np.ndarray) -> list[tuple[int, np.ndarray]]:
                 left, right = pixel(k, i, j), pixel(k, i, j + 1)
                 if left != right:  # vertical edge on corner column j + 1; up if the right pixel is in
                     top, bottom = (i, j + 1), (i + 1, j + 1)
-                    edges.append((k, bottom, top, 0, (i + 0.0, j + 0.5)) if right else (k, top, bottom, 2, (i + 0.0, j + 0.5)))
+                    edges.append((k, bottom, top, 0, (i + 0.0, j + 0.5)) if right
+                                 else (k, top, bottom, 2, (i + 0.0, j + 0.5)))
     for k in range(slices):
         for i in range(-1, rows):
             for j in range(-1, cols + 1):
                 upper, lower = pixel(k, i, j), pixel(k, i + 1, j)
                 if upper != lower:  # horizontal edge on corner row i + 1; east if the lower pixel is in
                     west, east = (i + 1, j), (i + 1, j + 1)
-                    edges.append((k, west, east, 1, (i + 0.5, j + 0.0)) if lower else (k, east, west, 3, (i + 0.5, j + 0.0)))
+                    edges.append((k, west, east, 1, (i + 0.5, j + 0.0)) if lower
+                                 else (k, east, west, 3, (i + 0.5, j + 0.0)))
     leaving: dict[tuple[int, tuple[int, int]], list[int]] = {}
     for n, (k, start, _, _, _) in enumerate(edges):
         leaving.setdefault((k, start), []).append(n)
@@ -91,7 +93,7 @@ def test_tracer_gives_the_plain_walks_contours_point_for_point(seed: int) -> Non
     ours = mask_contours_px(stack)
     reference = _reference_contours(stack)
     assert [k for k, _ in ours] == [k for k, _ in reference]
-    for (_, a), (_, b) in zip(ours, reference):
+    for (_, a), (_, b) in zip(ours, reference, strict=True):
         assert np.array_equal(a, b)
 
 

@@ -12,10 +12,11 @@ import pytest
 
 from node.config import NodeConfig
 from node.errors import InferenceError
-from node.infer.manifest import discover_bundles
+from node.infer.backends.loader import EngineLoader
 from node.infer.backends.onnxrt import OnnxRuntimeEngine
-from node.jobs.engines import EngineFactory
+from node.infer.manifest import discover_bundles
 from node.jobs.worker import load_engines
+from node.model.enums import EngineBackend
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINES = REPO / "engines"
@@ -36,13 +37,13 @@ pytestmark = pytest.mark.skipif(_gpu_missing() is None, reason="this machine has
                                                               "tests need a machine without them")
 
 
-def bundles(*names: str):  # type: ignore[no-untyped-def]
+def bundles(*names: str):
     return discover_bundles(ENGINES, names)
 
 
 def test_auto_falls_back_to_onnxruntime_and_says_why_once(caplog: pytest.LogCaptureFixture) -> None:
-    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="auto"))
-    with caplog.at_level(logging.WARNING, logger="node.jobs.engines"):
+    factory = EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.AUTO))
+    with caplog.at_level(logging.WARNING, logger="node.infer.backends.loader"):
         loaded = [factory.get(b) for b in bundles("body-threshold", "liver")]
     assert all(isinstance(x.engine, OnnxRuntimeEngine) for x in loaded)
     assert all(x.description == "ONNX Runtime on the CPU" for x in loaded)
@@ -55,7 +56,7 @@ def test_auto_falls_back_to_onnxruntime_and_says_why_once(caplog: pytest.LogCapt
 
 
 def test_tensorrt_backend_refuses_to_fall_back() -> None:
-    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="tensorrt"))
+    factory = EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.TENSORRT))
     with pytest.raises(InferenceError, match=r"bundle body-threshold: engines.backend is 'tensorrt' but .*install"):
         factory.get(bundles("body-threshold")[0])
 
@@ -67,21 +68,24 @@ def test_cpu_backend_never_opens_the_gpu(monkeypatch: pytest.MonkeyPatch) -> Non
         raise AssertionError("the GPU was opened under engines.backend = 'cpu'")
 
     monkeypatch.setattr(node.infer.gpu.backend, "GpuSession", explode)
-    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="cpu"))
+    factory = EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.CPU))
     assert isinstance(factory.get(bundles("body-threshold")[0]).engine, OnnxRuntimeEngine)
 
 
 def test_built_in_algorithms_need_no_engine() -> None:
-    factory = EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="tensorrt"))
+    factory = EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.TENSORRT))
     loaded = factory.get(bundles("body-lungs")[0])
     assert loaded.engine is None and "built-in" in loaded.description
 
 
 def test_the_worker_report_names_each_engine_or_its_failure() -> None:
     found = {b.id: b for b in bundles("body-threshold", "body-lungs")}
-    report = load_engines(EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="auto")), found, "worker-0-1")
+    report = load_engines(EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.AUTO)),
+                          found, "worker-0-1")
     assert set(report.engines) == set(found) and not report.failed
-    strict = load_engines(EngineFactory(NodeConfig(bundles_dir=ENGINES, engine_backend="tensorrt")), found, "worker-0-1")
+    strict = load_engines(
+        EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.TENSORRT)), found,
+        "worker-0-1")
     assert list(strict.failed) == ["body-threshold@0.1.0"] and "engines.backend is 'tensorrt'" in strict.failed[
         "body-threshold@0.1.0"]
     assert list(strict.engines) == ["body-lungs@1.0.0"]
@@ -92,11 +96,12 @@ def test_workers_that_crash_while_loading_go_on_without_the_gpu_or_stop_the_serv
     row, "auto" restarts it on ONNX Runtime; "cpu" and "tensorrt" have nowhere to go and stop."""
     from node.jobs.worker import LOAD_CRASH_LIMIT, restart_config
 
-    auto = NodeConfig(engine_backend="auto")
+    auto = NodeConfig(engine_backend=EngineBackend.AUTO)
     assert restart_config(auto, LOAD_CRASH_LIMIT - 1, -11) == (auto, None)
     cfg, fatal = restart_config(auto, LOAD_CRASH_LIMIT, -11)
     assert cfg.engine_backend == "cpu" and fatal is None
     for backend in ("cpu", "tensorrt"):
-        cfg, fatal = restart_config(NodeConfig(engine_backend=backend), LOAD_CRASH_LIMIT, -11)
-        assert fatal is not None and f"died {LOAD_CRASH_LIMIT} times while loading its engines (last exit code -11)" in fatal
+        cfg, fatal = restart_config(NodeConfig(engine_backend=EngineBackend(backend)), LOAD_CRASH_LIMIT, -11)
+        assert fatal is not None
+        assert f"died {LOAD_CRASH_LIMIT} times while loading its engines (last exit code -11)" in fatal
         assert repr(backend) in fatal

@@ -26,7 +26,8 @@ def _has_tensorrt() -> bool:
     return True
 
 
-pytestmark = pytest.mark.skipif(_has_tensorrt(), reason="TensorRT is installed: these tests describe a machine without it")
+pytestmark = pytest.mark.skipif(_has_tensorrt(),
+                                reason="TensorRT is installed: these tests describe a machine without it")
 
 
 def test_doctor_says_what_is_missing_and_how_to_install_it(tmp_path: Path) -> None:

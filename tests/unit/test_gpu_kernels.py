@@ -23,15 +23,26 @@ import numpy as np
 import pytest
 
 from node.errors import InferenceError
-from node.infer.gpu.kernels import (BLOCK, KERNELS_CU, KERNELS_PTX, MAX_GRID, SIGNATURES, Kernels, Normalisation, axis_order,
-                              grid_for, load_module, struct_format)
+from node.infer.gpu.kernels import (
+    BLOCK,
+    KERNELS_CU,
+    KERNELS_PTX,
+    MAX_GRID,
+    SIGNATURES,
+    Kernels,
+    Normalisation,
+    axis_order,
+    grid_for,
+    load_module,
+    struct_format,
+)
 from node.infer.gpu.resident import ResidentPipeline, tile_corners
-from node.model.bundle import Preprocess, Window
 from node.infer.transforms import labels_on_native_grid, normalise, resample_linear
 from node.infer.window import gaussian_weights, sliding_window
+from node.model.bundle import Preprocess, Window
 from tests.harness.cuda_cpu import checks
 from tests.harness.cuda_cpu.build import build, missing_reason
-from tests.harness.cuda_cpu.checks import F, PRE, smooth
+from tests.harness.cuda_cpu.checks import PRE, F, smooth
 from tests.harness.cuda_cpu.device import CpuDevice
 from tests.harness.cuda_cpu.engines import PointerEngine
 
@@ -39,7 +50,7 @@ Shape = tuple[int, int, int]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def built(tmp_path_factory: pytest.TempPathFactory):
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
@@ -50,7 +61,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 
 
 @pytest.fixture
-def device(built) -> CpuDevice:  # type: ignore[no-untyped-def]
+def device(built) -> CpuDevice:
     return CpuDevice(built.lib)
 
 
@@ -63,7 +74,7 @@ def pointer_engine(tile: Shape, channels: int, max_batch: int, output_shape: Sha
     return PointerEngine(tile, channels, max_batch, output_shape)
 
 
-def test_emulation_compiles_without_warnings(built) -> None:  # type: ignore[no-untyped-def]
+def test_emulation_compiles_without_warnings(built) -> None:
     """g++ -Wall -Wextra is silent, and the static_asserts (kernels.cu's parameter types are exactly
     SIGNATURES, from which the pycuda launches are packed) held, or the build would have failed."""
     assert built.warnings == ""
@@ -167,7 +178,7 @@ def test_place_in_block_is_numpys(kernels: Kernels, device: CpuDevice, shape: Sh
 
 
 # --------------------------------------------------------------------------- launches and indices
-def test_any_grid_covers_every_element(built, device: CpuDevice) -> None:  # type: ignore[no-untyped-def]
+def test_any_grid_covers_every_element(built, device: CpuDevice) -> None:
     """The grid-stride loops: a grid far smaller than the element count (and blocks of odd size) still
     writes every element exactly once."""
     values = np.random.default_rng(4).normal(0, 300, 4099).astype(F)
@@ -179,7 +190,8 @@ def test_any_grid_covers_every_element(built, device: CpuDevice) -> None:  # typ
     labels = device.alloc(int(np.prod(native)))
     acc = device.put(np.stack([image, -image]))
     built.lib.launch_labels_native_argmax(5, 3, acc, None, labels, 2, 4, 5, 6, *native, *axis_order((4, 5, 6), native))
-    assert np.array_equal(device.view(labels, native, np.uint8), labels_on_native_grid(np.stack([image, -image]), native))
+    assert np.array_equal(device.view(labels, native, np.uint8),
+                          labels_on_native_grid(np.stack([image, -image]), native))
 
 
 def test_grid_and_block_of_a_launch() -> None:
@@ -266,7 +278,7 @@ def test_indices_are_64_bit(kernels: Kernels, device: CpuDevice) -> None:
 
 # ---------------------------------------------------------------------------- resident pipeline
 @pytest.mark.parametrize("case", checks.SLIDING, ids=lambda c: f"{c[0]}-{np.dtype(c[1]).name}-K{c[6]}-batch{c[7]}")
-def test_resident_sliding_is_segment_sliding(device: CpuDevice, case: tuple) -> None:  # type: ignore[type-arg]
+def test_resident_sliding_is_segment_sliding(device: CpuDevice, case: tuple) -> None:
     """ResidentPipeline.sliding_labels = segment._sliding (same network in numpy), batches of max_batch,
     every launch and the engine on the pipeline's one stream, every copy inside an allocation."""
     checks.check_resident_sliding(device, pointer_engine, case, exact=True)
@@ -281,16 +293,16 @@ def test_resident_buffers_are_reused(device: CpuDevice) -> None:
 
 def test_resident_refuses_an_engine_of_another_tile(device: CpuDevice) -> None:
     pre = Preprocess(spacing_mm=None, clip=(-200.0, 300.0), scale=1.0, offset=0.0)
-    pipeline = ResidentPipeline(PointerEngine((6, 6, 6)), device)  # type: ignore[arg-type]
+    pipeline = ResidentPipeline(PointerEngine((6, 6, 6)), device)
     with pytest.raises(InferenceError, match=r"takes tiles of \(6, 6, 6\)"):
         pipeline.sliding_labels(np.zeros((8, 8, 8), np.int16), (1.0, 1.0, 1.0), pre, Window((8, 8, 8), 0.5, 1))
-    pipeline = ResidentPipeline(PointerEngine((6, 6, 6), output_shape=(4, 4, 4)), device)  # type: ignore[arg-type]
+    pipeline = ResidentPipeline(PointerEngine((6, 6, 6), output_shape=(4, 4, 4)), device)
     with pytest.raises(InferenceError, match="the sliding window needs"):
         pipeline.sliding_labels(np.zeros((8, 8, 8), np.int16), (1.0, 1.0, 1.0), pre, Window((6, 6, 6), 0.5, 1))
 
 
 @pytest.mark.parametrize("case", checks.SINGLE, ids=lambda c: f"{c[0]}-{np.dtype(c[1]).name}-{c[5]}-K{c[6]}")
-def test_resident_single_block_is_block_py(device: CpuDevice, case: tuple) -> None:  # type: ignore[type-arg]
+def test_resident_single_block_is_block_py(device: CpuDevice, case: tuple) -> None:
     checks.check_resident_single_block(device, pointer_engine, case, exact=True)
 
 

@@ -26,12 +26,12 @@ def gpu(name: str) -> GpuProfile:
 
 
 @pytest.fixture(scope="module")
-def liver():  # type: ignore[no-untyped-def]
+def liver():
     return load_bundle(REPO / "engines" / "liver")
 
 
 @pytest.fixture(scope="module")
-def body():  # type: ignore[no-untyped-def]
+def body():
     return load_bundle(REPO / "engines" / "body-threshold")
 
 
@@ -99,7 +99,7 @@ def test_precision_reasons_name_what_is_missing() -> None:
 
 
 # ------------------------------------------------------------------------------------- sizing
-def test_tile_batch_is_a_power_of_two_that_fits(body) -> None:  # type: ignore[no-untyped-def]
+def test_tile_batch_is_a_power_of_two_that_fits(body) -> None:
     shape = model_input(body)
     cost = model_cost(body.model_file, shape.sample_shape)
     for path in PROFILES.glob("*.json"):
@@ -111,7 +111,7 @@ def test_tile_batch_is_a_power_of_two_that_fits(body) -> None:  # type: ignore[n
         assert s.fixed_bytes + s.max_batch * s.per_sample_bytes <= s.budget_bytes
 
 
-def test_less_free_memory_never_gives_a_bigger_batch(body) -> None:  # type: ignore[no-untyped-def]
+def test_less_free_memory_never_gives_a_bigger_batch(body) -> None:
     shape = model_input(body)
     cost = model_cost(body.model_file, (1, 1, 128, 256, 256))  # larger tiles, so memory is what limits
     base = gpu("t4-16gb")
@@ -123,7 +123,7 @@ def test_less_free_memory_never_gives_a_bigger_batch(body) -> None:  # type: ign
     assert batches == sorted(batches, reverse=True) and batches[0] > batches[-1]
 
 
-def test_small_changes_in_free_memory_keep_the_plan_key(body) -> None:  # type: ignore[no-untyped-def]
+def test_small_changes_in_free_memory_keep_the_plan_key(body) -> None:
     """Free memory moves a little between starts; the plan must not be rebuilt for that."""
     h100 = gpu("h100-sxm-80gb")
     a = plan_engine(body, h100, "11.4.0.106").key
@@ -131,7 +131,7 @@ def test_small_changes_in_free_memory_keep_the_plan_key(body) -> None:  # type: 
     assert a == b and a.digest == b.digest
 
 
-def test_the_liver_block_is_one_sample_and_does_not_fit_a_4_gb_card(liver) -> None:  # type: ignore[no-untyped-def]
+def test_the_liver_block_is_one_sample_and_does_not_fit_a_4_gb_card(liver) -> None:
     plan = plan_engine(liver, gpu("h100-sxm-80gb"), "11.4.0.106")
     assert (plan.sizing.min_batch, plan.sizing.max_batch) == (1, 1)  # one block per series
     assert plan.key.profiles[0].max_shape == (1, 1, 162, 162, 189)
@@ -146,7 +146,7 @@ def test_workspace_is_bounded_by_memory() -> None:
     assert workspace_for(gpu("h100-sxm-80gb"), budget_bytes=100 * MiB) == 256 * MiB
 
 
-def test_roofline_says_what_bounds_the_liver(liver) -> None:  # type: ignore[no-untyped-def]
+def test_roofline_says_what_bounds_the_liver(liver) -> None:
     h100, t4 = gpu("h100-sxm-80gb"), gpu("t4-16gb")
     cost = model_cost(liver.model_file, (1, 1, 162, 162, 189))
     fast = roofline(h100, cost, Precision.FP16)
@@ -185,7 +185,7 @@ def test_the_same_key_has_the_same_digest() -> None:
     assert _key().digest == _key().digest and not _key().differences(_key().as_dict())
 
 
-def test_each_gpu_gets_its_own_plan(liver, body) -> None:  # type: ignore[no-untyped-def]
+def test_each_gpu_gets_its_own_plan(liver, body) -> None:
     keys = {plan_engine(b, GpuProfile.load(p), "11.4.0.106").key.digest
             for b in (body,) for p in PROFILES.glob("*.json")}
     assert len(keys) == len(list(PROFILES.glob("*.json")))

@@ -49,7 +49,8 @@ def test_finish_job_fills_outbox_and_backoff_then_dead_letter(tmp_path: Path) ->
     index.dispatch("1.2.3", ["b@1"])
     job = index.claim_job("w")
     assert job is not None
-    index.finish_job(job.id, result_dir="r", timings="{}", outbox=[("pacs", tmp_path / "seg.dcm", "9.9", "1.2")], now=50)
+    index.finish_job(job.id, result_dir="r", timings="{}", outbox=[("pacs", tmp_path / "seg.dcm", "9.9", "1.2")],
+                     now=50)
     (item,) = index.due_outbox(now=50)
     index.mark_attempt_failed(item.id, "refused", retry_at=80)
     assert index.due_outbox(now=60) == [] and index.next_outbox_time() == 80

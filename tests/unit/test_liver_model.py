@@ -24,12 +24,14 @@ EXPECTED_PARAMETERS = 3_874_961
 
 pytestmark = [
     pytest.mark.skipif(not WHEEL.is_file(), reason=f"liver model wheel not present at {WHEEL}"),
-    pytest.mark.skipif(importlib.util.find_spec("h5py") is None, reason="h5py is not installed (needed to read the Keras HDF5)"),
+    pytest.mark.skipif(importlib.util.find_spec("h5py") is None,
+                       reason="h5py is not installed (needed to read the Keras HDF5)"),
 ]
 
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"liver_{name}", ROOT / "engines" / "liver" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -53,7 +53,7 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _session(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
+def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -96,7 +96,8 @@ def test_rewritten_graph_is_valid_and_typed_as_intended(originals: dict[str, onn
     assert len(convs) == {"liver": 18, "body": 1}[name]
     assert len(kept) == {"liver": 137, "body": 1}[name]  # 102 ReduceMean, 17 Sqrt, 17 squares, 1 Sigmoid
     for node in kept:  # float32 in and out, in both modes
-        assert all(types[t] == TensorProto.FLOAT for t in [*node.input, *node.output] if t and types[t] in FLOATS), node.name
+        assert all(types[t] == TensorProto.FLOAT for t in [*node.input, *node.output]
+                   if t and types[t] in FLOATS), node.name
 
     if not simulate:
         for node in convs:  # data, weights, bias and output all in the low type
@@ -207,7 +208,7 @@ def test_a_weight_beyond_fp16_range_is_named_and_bf16_takes_it() -> None:
     model = _tiny([helper.make_node("Mul", ["x", "big"], ["m"]), helper.make_node("Exp", ["m"], ["y"])], ["y"],
                   [_weight("big", 1e5, (1,))])
     for low in ("fp16", "bf16"):
-        converted = to_mixed_precision(model, low, keep_fp32=KEEP_FP32_OPS | {"Mul"})  # type: ignore[arg-type]
+        converted = to_mixed_precision(model, low, keep_fp32=KEEP_FP32_OPS | {"Mul"})
         assert [t.data_type for t in converted.graph.initializer] == [TensorProto.FLOAT]
     bf16 = to_mixed_precision(_tiny([helper.make_node("Conv", ["x", "k"], ["y"])], ["y"], [_weight("k", 1e5)]), "bf16")
     (k,) = bf16.graph.initializer
@@ -221,7 +222,8 @@ def test_subgraphs_are_refused_with_a_sentence() -> None:
     cond = numpy_helper.from_array(np.array(True), "c")
     model = _tiny([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="choose")],
                   ["y"], [cond])
-    with pytest.raises(BundleError, match=r"node 'choose' \(If\) has a subgraph; mixed precision handles straight-line"):
+    with pytest.raises(BundleError,
+                       match=r"node 'choose' \(If\) has a subgraph; mixed precision handles straight-line"):
         to_mixed_precision(model, "fp16")
     with pytest.raises(ValueError, match="neither 'fp16' nor 'bf16'"):
         to_mixed_precision(model, "fp8")  # type: ignore[arg-type]
@@ -236,7 +238,8 @@ def test_bf16_rounds_to_nearest_even_like_ml_dtypes_and_onnxruntime_casts() -> N
     rng = np.random.default_rng(0)
     special = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1.5 * 2**-126, 2**-140, 3.0e38, 3.4e38, np.inf, -np.inf,
                         0.0, -0.0, 65504, 65519, 65520, 1e-8, 6e-8, 1.5 * 2**-24, np.nan], np.float32)
-    values = np.concatenate([special, (rng.standard_normal(50_000) * np.exp(rng.uniform(-40, 40, 50_000))).astype(np.float32)])
+    values = np.concatenate([special,
+                             (rng.standard_normal(50_000) * np.exp(rng.uniform(-40, 40, 50_000))).astype(np.float32)])
     assert round_to(np.float32(1 + 2**-8), "bf16") == 1.0  # a tie goes to the even neighbour
     assert round_to(np.float32(1 + 3 * 2**-8), "bf16") == 1 + 2**-6
     assert np.isinf(round_to(np.float32(3.4e38), "bf16"))  # beyond the largest bf16 (3.39e38)
@@ -312,9 +315,9 @@ def liver_case(originals: dict[str, onnx.ModelProto]) -> tuple[np.ndarray, np.nd
     own single-block pipeline (reorient, crop, resample, median, normalise, centre)."""
     if not LIVER_CT.is_file():
         pytest.skip(f"{LIVER_CT} not found (the real CT lives in ../shared/data)")
-    from node.model.volume import Volume
     from node.infer.block import segment_single_block
     from node.infer.manifest import load_bundle
+    from node.model.volume import Volume
     from tests.harness.nifti import load_nifti_volume
 
     class Capture:
@@ -334,12 +337,14 @@ def liver_case(originals: dict[str, onnx.ModelProto]) -> tuple[np.ndarray, np.nd
 
 # Stated tolerances on the real CT block (measured: fp16 max |Δp| 0.0034, mean 5.6e-5, Dice 0.99971,
 # 41 of 70 286 voxels change; bf16 max 0.033, mean 4.9e-4, Dice 0.99754, 345 voxels change).
-LIVER_TOLERANCE = {"fp16": {"max": 0.02, "mean": 5e-4, "dice": 0.999}, "bf16": {"max": 0.15, "mean": 3e-3, "dice": 0.99}}
+LIVER_TOLERANCE = {"fp16": {"max": 0.02, "mean": 5e-4, "dice": 0.999},
+                   "bf16": {"max": 0.15, "mean": 3e-3, "dice": 0.99}}
 
 
 @pytest.mark.parametrize("low", ["fp16", "bf16"])
 def test_liver_in_low_precision_matches_float32_on_a_real_ct(originals: dict[str, onnx.ModelProto],
-                                                              liver_case: tuple[np.ndarray, np.ndarray], low: str) -> None:
+                                                              liver_case: tuple[np.ndarray, np.ndarray],
+                                                              low: str) -> None:
     block, reference = liver_case
     out = _run(to_mixed_precision(originals["liver"], low, simulate=True), block)  # type: ignore[arg-type]
     found = precision_agreement(reference, out, 0.5)

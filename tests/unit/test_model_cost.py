@@ -85,7 +85,7 @@ def _independent_liver_conv_macs(model: onnx.ModelProto, input_shape: tuple[int,
             else:
                 axes = value[node.input[3]]
                 dims = list(shape[x])
-                for ax, s, e in zip(axes, starts, ends):
+                for ax, s, e in zip(axes, starts, ends, strict=False):
                     dims[ax] = len(range(dims[ax])[int(s):int(e)])
                 shape[out] = tuple(dims)
         elif op == "Concat":
@@ -165,10 +165,12 @@ def test_errors_are_sentences_that_name_the_problem(tmp_path: Path) -> None:
     # A data-dependent shape (NonZero) cannot be inferred: the error names the tensor.
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    nodes = [helper.make_node("NonZero", ["x"], ["where"]), helper.make_node("Cast", ["where"], ["y"], to=TensorProto.FLOAT)]
+    nodes = [helper.make_node("NonZero", ["x"], ["where"]),
+             helper.make_node("Cast", ["where"], ["y"], to=TensorProto.FLOAT)]
     path = tmp_path / "nonzero.onnx"
     onnx.save(_model(nodes, [x], [y]), str(path))
-    with pytest.raises(BundleError, match=r"the shape of tensor 'where' in [^ ]*/nonzero.onnx cannot be inferred .*\(2 tensor"):
+    with pytest.raises(BundleError,
+                       match=r"the shape of tensor 'where' in [^ ]*/nonzero.onnx cannot be inferred .*\(2 tensor"):
         model_cost(path, (2, 4))
     # Shapes that cannot broadcast fail ONNX shape inference itself.
     b = numpy_helper.from_array(np.ones((3,), np.float32), "b")

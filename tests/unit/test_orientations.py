@@ -34,11 +34,11 @@ from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import build_volume, read_series
 from node.config import NodeConfig
-from node.infer.manifest import discover_bundles
-from node.model.bundle import Bundle
+from node.infer.backends.loader import make_engine
 from node.infer.engine import Engine
+from node.infer.manifest import discover_bundles
 from node.jobs.pipeline import run_job
-from node.jobs.engines import make_engine
+from node.model.bundle import Bundle
 from node.write.provenance import Provenance
 from tests.harness.result_checks import contour_plane_distance
 from tests.harness.synthetic_ct import HU_TABLE, body_mask_lps, phantom_hu, write_ct_series
@@ -157,7 +157,7 @@ def bundle() -> Bundle:
 
 
 @pytest.fixture(scope="module")
-def engine(bundle: Bundle) -> Engine:
+def engine(bundle: Bundle) -> Engine | None:
     return make_engine(bundle, NodeConfig(bundles_dir=ENGINES))
 
 
@@ -254,7 +254,7 @@ def _report() -> object:
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("acquisition", list(ACQUISITIONS))
 def test_contours_land_on_the_body(
-    tmp_path: Path, acquisition: str, position: str, bundle: Bundle, engine: Engine
+    tmp_path: Path, acquisition: str, position: str, bundle: Bundle, engine: Engine | None
 ) -> None:
     started = time.perf_counter()
     acq = ACQUISITIONS[acquisition]
@@ -271,7 +271,7 @@ def test_contours_land_on_the_body(
         patient_position=position,
         seed=7,
     )
-    headers = [dcmread(p, stop_before_pixels=True) for p in series.files_in_slice_order]
+    headers: list[Dataset] = [dcmread(p, stop_before_pixels=True) for p in series.files_in_slice_order]
     assert all(str(h.PatientPosition) == position for h in headers)
     centres = _voxel_centres(headers)
 

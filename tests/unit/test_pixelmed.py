@@ -20,8 +20,8 @@ import pytest
 from node.assemble.volume import build_volume, read_series
 from node.infer.manifest import discover_bundles
 from node.write.provenance import Provenance
-from node.write.rtstruct import build_rtstruct
 from node.write.result import Result, present_labels
+from node.write.rtstruct import build_rtstruct
 from node.write.seg import build_seg
 from node.write.uids import ResultUids
 from tests.harness.pixelmed import pixelmed_missing_reason, validate

@@ -10,6 +10,7 @@ import logging
 import multiprocessing as mp
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,7 +82,8 @@ def test_a_plan_from_another_gpu_or_version_is_never_used(tmp_path: Path, field:
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Even copied by hand under the right file name, a plan whose sidecar records another key is rebuilt."""
     cache = PlanCache(tmp_path)
-    other = dataclasses.replace(KEY, **{field: value})
+    changes: dict[str, Any] = {field: value}
+    other = dataclasses.replace(KEY, **changes)
     foreign = cache.get_or_build(other, CountingBuilder(plan=b"PLAN-OTHER"))
     target = cache.plan_path(KEY)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,8 @@ def test_no_temporary_files_are_left_and_a_failed_build_leaves_no_plan(tmp_path:
     def failing(timing: bytes | None) -> tuple[bytes, bytes]:
         raise RuntimeError("out of memory in tactic 42")
 
-    with pytest.raises(InferenceError, match="building the TensorRT plan for body-threshold@0.1.0 failed: out of memory"):
+    with pytest.raises(InferenceError,
+                       match="building the TensorRT plan for body-threshold@0.1.0 failed: out of memory"):
         cache.get_or_build(KEY, failing)
     assert not cache.plan_path(KEY).exists()
     cache.get_or_build(KEY, CountingBuilder())

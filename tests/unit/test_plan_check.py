@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from node.errors import InferenceError
+from node.infer.backends.onnxrt import OnnxRuntimeEngine
 from node.infer.gpu.check import agreement, check_input, verify_against_reference
 from node.infer.gpu.plan_cache import PlanCache, PlanKey, TensorProfile
 from node.infer.manifest import load_bundle
-from node.infer.backends.onnxrt import OnnxRuntimeEngine
 
 ENGINES = Path(__file__).resolve().parents[2] / "engines"
 BODY = load_bundle(ENGINES / "body-threshold")
@@ -65,7 +65,7 @@ def test_a_plan_that_agrees_passes() -> None:
 def test_a_plan_that_disagrees_is_refused_with_the_figures(how: str, message: str) -> None:
     with pytest.raises(InferenceError, match=r"the FP16 plan of bundle body-threshold disagrees with ONNX Runtime: "
                                              + message):
-        verify_against_reference(BODY, Disturbed(how), ort(), "FP16")  # type: ignore[arg-type]
+        verify_against_reference(BODY, Disturbed(how), ort(), "FP16")
 
 
 def test_agreement_of_empty_masks_is_perfect() -> None:

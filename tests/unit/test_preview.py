@@ -9,10 +9,10 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
+from node.config import NodeConfig
+from node.infer.backends.loader import make_engine
 from node.infer.manifest import discover_bundles
 from node.jobs.pipeline import run_job
-from node.jobs.engines import make_engine
-from node.config import NodeConfig
 from node.write.preview import PANEL_PX
 from node.write.provenance import Provenance
 from tests.harness.dcmtk import dciodvfy, tool_missing_reason

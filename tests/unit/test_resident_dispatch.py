@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from node.model.volume import Geometry, Volume
 from node.infer.gpu.resident import ResidentPipeline
 from node.infer.manifest import load_bundle
 from node.infer.segment import segment_volume
+from node.model.enums import Crop
+from node.model.volume import Geometry, Volume
 from tests.harness.cuda_cpu.build import build, missing_reason
 from tests.harness.cuda_cpu.device import CpuDevice
 from tests.harness.cuda_cpu.engines import NumpyEngine, PointerEngine
@@ -41,7 +42,7 @@ class ResidentEngine:
         self.name, self.max_batch, self.tile_shape = "resident-test", 2, tile
         self.output_shape, self.channels = output_shape, channels
         self.pipeline_uses = 0
-        self._pipeline = ResidentPipeline(self, device)  # type: ignore[arg-type]
+        self._pipeline = ResidentPipeline(self, device)
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
         raise AssertionError("the host path ran although a resident pipeline was offered")
@@ -70,7 +71,7 @@ def test_sliding_window_bundles_run_resident(device: CpuDevice) -> None:
                                  preprocess=dataclasses.replace(body.preprocess, clip=(-1000.0, 1000.0), scale=0.002))
     volume = _volume((20, 40, 44), (2.5, 1.2, 1.2))
     engine = ResidentEngine((8, 16, 16), 2, (8, 16, 16), device)
-    on_device = segment_volume(volume, bundle, engine)  # type: ignore[arg-type]
+    on_device = segment_volume(volume, bundle, engine)
     on_host = segment_volume(volume, bundle, NumpyEngine((8, 16, 16), 2))
     assert engine.pipeline_uses == 1
     assert on_device.any() and np.array_equal(on_device, on_host)
@@ -81,14 +82,14 @@ def test_single_block_bundles_run_resident(device: CpuDevice) -> None:
     bundle = dataclasses.replace(
         liver,
         coverage=dataclasses.replace(liver.coverage, min_extent_mm=0.0, min_body_width_mm=0.0),
-        preprocess=dataclasses.replace(liver.preprocess, crop="none", intermediate_spacing_mm=None, median_size=0,
+        preprocess=dataclasses.replace(liver.preprocess, crop=Crop.NONE, intermediate_spacing_mm=None, median_size=0,
                                        orientation=None),
         postprocess=dataclasses.replace(liver.postprocess, open_model_grid=False, min_volume_ml=0.0),
         window=dataclasses.replace(liver.window, block=(24, 24, 24), output_margin=3),
     )
     volume = _volume((20, 36, 40), (3.5, 2.0, 2.0))
     engine = ResidentEngine((24, 24, 24), 2, (18, 18, 18), device)
-    on_device = segment_volume(volume, bundle, engine)  # type: ignore[arg-type]
+    on_device = segment_volume(volume, bundle, engine)
     on_host = segment_volume(volume, bundle, NumpyEngine((24, 24, 24), 2, (18, 18, 18)))
     assert engine.pipeline_uses == 1
     assert on_device.any() and np.array_equal(on_device, on_host)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
 
 from node.config import NodeConfig, load_config
-from node.model.records import InstanceMeta, JobState, OutboxState, SeriesState
 from node.errors import ConfigError
+from node.model.records import InstanceMeta, JobState, OutboxState, SeriesState
 from node.service.daemon import Service
 from node.spool.index import Index
 from node.spool.retention import Retention, figures, tree_bytes
@@ -26,7 +27,8 @@ class State:
     """A state directory with the node's real spool, index and results layout."""
 
     def __init__(self, root: Path, **retention: float) -> None:
-        self.cfg = replace(NodeConfig(state_dir=root), **{f"retention_{k}": v for k, v in retention.items()})
+        changes: dict[str, Any] = {f"retention_{k}": v for k, v in retention.items()}
+        self.cfg = replace(NodeConfig(state_dir=root), **changes)
         self.spool = Spool(self.cfg.spool_dir)
         self.index = Index(self.cfg.index_path)
 
@@ -57,7 +59,7 @@ class State:
             state = JobState.FAILED if outcome == "failed" else JobState.DECLINED
             self.index.fail_job(job_id, "a reason", now=at, state=state)
             return job_id
-        objects = []
+        objects: list[tuple[str, Path, str, str]] = []
         for kind in ("seg", "rtstruct"):
             path = result_dir / f"{kind}.dcm"
             path.write_bytes(b"r" * 500)

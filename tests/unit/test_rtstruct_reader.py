@@ -13,11 +13,11 @@ from pydicom import Dataset
 from node.assemble.volume import build_volume, read_series
 from node.model.volume import Geometry, Volume
 from node.read import Contour, Roi, StructureSetError, rasterise, read_structure_set
-from node.write.rtstruct import build_rtstruct
 from node.write.result import Result
+from node.write.rtstruct import build_rtstruct
 from node.write.uids import ResultUids
-from tests.harness.writing import BUNDLE, ORIENTATIONS, PROV
 from tests.harness.synthetic_ct import write_ct_series
+from tests.harness.writing import BUNDLE, ORIENTATIONS, PROV
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "reference"
 
@@ -230,7 +230,11 @@ def test_round_trip_through_our_writer_is_exact(tmp_path: Path, name: str) -> No
     volume = _volume(tmp_path, ORIENTATIONS[name])
     labels = _labels(volume.geometry.shape)
     roi = _round_trip(tmp_path, volume, labels)
-    assert len([c for c in roi.contours if volume.sop_instance_uids.index(c.referenced_sop_instance_uid) == 6]) == 4
+    referenced: list[str] = []
+    for c in roi.contours:
+        assert c.referenced_sop_instance_uid is not None  # every contour our writer makes names its image
+        referenced.append(c.referenced_sop_instance_uid)
+    assert len([uid for uid in referenced if volume.sop_instance_uids.index(uid) == 6]) == 4
     mask = rasterise(roi, volume)
     assert np.array_equal(mask, labels.astype(bool))
     assert np.array_equal(rasterise(roi, volume.geometry), mask)  # nearest plane, no UIDs

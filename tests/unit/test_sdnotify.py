@@ -8,6 +8,7 @@ listener is up, WATCHDOG=1 more often than WATCHDOG_USEC, and STOPPING=1 plus ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -55,7 +56,7 @@ class NotifyListener:
         self.sock.settimeout(max(timeout, 0.001))
         try:
             data, ancdata, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return None
         pid = None
         for level, kind, payload in ancdata:
@@ -250,8 +251,6 @@ def test_service_notifies_ready_watchdog_and_stopping(
         assert not any("READY=1" in d.fields or "WATCHDOG=1" in d.fields for d in after_stop)
     finally:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(10)

@@ -12,15 +12,16 @@ import pytest
 from scipy import ndimage
 
 from node.assemble.volume import build_volume, read_series
-from node.model.volume import Geometry, Volume
 from node.errors import Declined
 from node.infer.block import image_probabilities, place_in_block, segment_single_block
-from node.infer.manifest import load_bundle
 from node.infer.coverage import check_coverage
 from node.infer.crop import abdomen_box
+from node.infer.manifest import load_bundle
 from node.infer.median import median3
 from node.infer.orient import reorientation
 from node.infer.transforms import mask_to_grid, resample_centred
+from node.model.enums import Crop
+from node.model.volume import Geometry, Volume
 
 ENGINES = Path(__file__).resolve().parents[2] / "engines"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -100,7 +101,7 @@ def test_mask_upsampling_over_its_bounding_box_equals_the_full_resampling() -> N
         b = np.minimum(a + rng.integers(1, 8, 3), mask.shape)
         mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = rng.random(tuple(b - a)) > 0.3
         target = tuple(float(t) for t in rng.uniform(0.5, 2.9, 3))
-        shape = tuple(int(round(n * 3.0 / t)) for n, t in zip(mask.shape, target))
+        shape = tuple(int(round(n * 3.0 / t)) for n, t in zip(mask.shape, target, strict=True))
         full = resample_centred(mask.astype(np.float32), (3.0, 3.0, 3.0), target, out_shape=shape) > 0.5  # type: ignore[arg-type]
         assert np.array_equal(mask_to_grid(mask, (3.0, 3.0, 3.0), target, shape), full)  # type: ignore[arg-type]
 
@@ -146,7 +147,7 @@ def test_single_block_labels_land_on_the_shape_in_every_orientation(name: str) -
     voxels = np.where(box, 150.0, 0.0).astype(np.float32)
     bundle = dataclasses.replace(
         LIVER,
-        preprocess=dataclasses.replace(LIVER.preprocess, crop="none", intermediate_spacing_mm=None, median_size=0),
+        preprocess=dataclasses.replace(LIVER.preprocess, crop=Crop.NONE, intermediate_spacing_mm=None, median_size=0),
         postprocess=dataclasses.replace(LIVER.postprocess, threshold=0.2, open_model_grid=False),
         window=dataclasses.replace(LIVER.window, block=(54, 54, 54), output_margin=5),
     )

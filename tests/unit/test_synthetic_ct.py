@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -30,7 +31,7 @@ from tests.harness.synthetic_ct import (  # noqa: E402
     write_ct_series,
 )
 
-SMALL = {"slices": 10, "rows": 128, "columns": 128, "pixel_spacing": (3.2, 3.2)}
+SMALL: dict[str, Any] = {"slices": 10, "rows": 128, "columns": 128, "pixel_spacing": (3.2, 3.2)}
 CHEST_ORIGIN = (-204.8, -204.8, 0.0)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"

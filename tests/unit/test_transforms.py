@@ -14,7 +14,7 @@ from node.infer.window import sliding_window, tile_starts
 def test_resample_linear_equals_scipy_affine(out_shape: tuple[int, int, int]) -> None:
     rng = np.random.default_rng(0)
     image = rng.normal(size=(11, 13, 17)).astype(np.float32)
-    scale = [(i - 1) / (o - 1) for i, o in zip(image.shape, out_shape)]
+    scale = [(i - 1) / (o - 1) for i, o in zip(image.shape, out_shape, strict=True)]
     expected = ndimage.affine_transform(image, np.array(scale), output_shape=out_shape, order=1, mode="nearest")
     assert np.allclose(resample_linear(image, out_shape), expected, atol=1e-5)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
 
@@ -42,7 +42,7 @@ def _object(tmp_path: Path, last: str) -> tuple[Path, str]:
     ds.Modality = "OT"
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = tmp_path / f"obj{last}.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -62,6 +62,7 @@ def peer() -> Iterator[tuple[Destination, list[str]]]:
     ae.add_supported_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None  # block=False returns the running server
     try:
         yield Destination(name="picky", ae_title="PICKY", host="127.0.0.1", port=port), received
     finally:

@@ -4,6 +4,8 @@ chained across streams, errors as sentences. What the real libraries do is tests
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ def network(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x, x * 2 + index], axis=1)
 
 
-def make_engine(log: list[str], max_batch: int = 3):  # type: ignore[no-untyped-def]
+def make_engine(log: list[str], max_batch: int = 3):
     from node.infer.gpu.trt_engine import CudaContext, TensorRTEngine
 
     context = CudaContext(0)
@@ -41,7 +43,7 @@ def test_run_returns_every_tile_in_order_through_alternating_slots(n: int) -> No
     assert [int(line.split()[2]) for line in executes] == [len(b) for b in batches]
     assert len({line.split()[-1] for line in executes}) == 1  # every enqueue on the one compute stream
     copies_in = [line.split()[-1] for line in log if line.startswith("htod")]
-    assert len(copies_in) == len(batches) and all(a != b for a, b in zip(copies_in, copies_in[1:]))  # slots alternate
+    assert len(copies_in) == len(batches) and all(a != b for a, b in pairwise(copies_in))  # slots alternate
     assert executes[0].split()[-1] not in copies_in  # copies never on the compute stream
     compute = executes[0].split()[-1]
     waits = [line for line in log if "waits for" in line]
@@ -86,10 +88,12 @@ def test_a_plan_that_does_not_deserialise_is_named() -> None:
     from node.infer.gpu.trt_engine import CudaContext, TensorRTEngine
 
     log: list[str] = []
-    with installed(make_tensorrt(network, TILE, 2, TILE, log), make_pycuda(log)):
-        with pytest.raises(InferenceError, match="TensorRT could not deserialise fake"):
-            TensorRTEngine(b"GARBAGE", name="fake", input_name="image", output_name="probabilities", max_batch=1,
-                           context=CudaContext(0))
+    with (
+        installed(make_tensorrt(network, TILE, 2, TILE, log), make_pycuda(log)),
+        pytest.raises(InferenceError, match="TensorRT could not deserialise fake"),
+    ):
+        TensorRTEngine(b"GARBAGE", name="fake", input_name="image", output_name="probabilities", max_batch=1,
+                       context=CudaContext(0))
 
 
 def test_close_frees_the_device_buffers() -> None:

@@ -94,7 +94,8 @@ def test_missing_position_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_lossless_transfer_syntaxes_decode_to_the_same_hu(name: str) -> None:
-    reference = build_volume(read_series([TS / "CTImage.dcm_LittleEndianExplicitTransferSyntax_1.2.840.10008.1.2.1.dcm"]))
+    reference = build_volume(
+        read_series([TS / "CTImage.dcm_LittleEndianExplicitTransferSyntax_1.2.840.10008.1.2.1.dcm"]))
     volume = build_volume(read_series([TS / name]))
     assert np.array_equal(volume.voxels, reference.voxels)
 
@@ -153,13 +154,15 @@ def test_implausible_extent_is_refused(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ bad input: every refusal names what is wrong
-def _raw(ds, keyword: str, vr: str, value: bytes) -> None:  # type: ignore[no-untyped-def]
+def _raw(ds, keyword: str, vr: str, value: bytes) -> None:
     """Put ``value`` under ``keyword`` as a not yet decoded element with ``vr`` (as a reader would find it)."""
     from pydicom.datadict import tag_for_keyword
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
 
-    tag = Tag(tag_for_keyword(keyword))
+    number = tag_for_keyword(keyword)
+    assert number is not None, f"{keyword} is not a DICOM keyword"
+    tag = Tag(number)
     ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
 
 
@@ -226,7 +229,8 @@ def test_mixed_series_is_refused_naming_the_values(tmp_path: Path, keyword: str)
     for ds in datasets[4:]:
         setattr(ds, keyword, "1.2.3.4" if keyword.endswith("UID") else "OTHER")
     other = "1.2.3.4" if keyword.endswith("UID") else "OTHER"
-    with pytest.raises(VolumeError, match=rf"mixes {keyword} values '{first}' \(4 instances\), '{other}' \(2 instances\)"):
+    with pytest.raises(VolumeError,
+                       match=rf"mixes {keyword} values '{first}' \(4 instances\), '{other}' \(2 instances\)"):
         build_volume(datasets)
 
 
@@ -243,7 +247,8 @@ def test_lossy_compression_is_refused_before_decoding(tmp_path: Path) -> None:
 
     datasets = _series(tmp_path)
     datasets[1].compress(JPEGLSNearLossless, jls_error=2, generate_instance_uid=False)
-    with pytest.raises(VolumeError, match=r"lossy-compressed \(transfer syntax 1.2.840.10008.1.2.4.81 \(JPEG-LS near-lossless\)\)"):
+    with pytest.raises(VolumeError,
+                       match=r"lossy-compressed \(transfer syntax 1.2.840.10008.1.2.4.81 \(JPEG-LS near-lossless\)\)"):
         build_volume(datasets)
     datasets = _series(tmp_path / "b")
     datasets[2].LossyImageCompression = "01"

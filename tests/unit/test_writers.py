@@ -13,9 +13,10 @@ from pydicom import dcmread
 from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import build_volume, read_series
-from node.model.volume import Volume
 from node.errors import WriteError
 from node.model.bundle import Bundle, Code, Label
+from node.model.enums import SegType
+from node.model.volume import Volume
 from node.write import files as files_module
 from node.write import seg as seg_module
 from node.write.contours import mask_contours_px, slice_contours_px
@@ -39,15 +40,15 @@ def _case(tmp_path: Path, orientation: tuple[float, ...]) -> tuple[Volume, np.nd
     return volume, truth.astype(np.uint8)
 
 
-def _save(ds) -> bytes:  # type: ignore[no-untyped-def]
+def _save(ds) -> bytes:
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+@pytest.mark.parametrize("seg_type", [SegType.BINARY, SegType.LABELMAP])
 @pytest.mark.parametrize("name", sorted(ORIENTATIONS))
-def test_seg_reads_back_to_exactly_the_labels(tmp_path: Path, name: str, seg_type: str) -> None:
+def test_seg_reads_back_to_exactly_the_labels(tmp_path: Path, name: str, seg_type: SegType) -> None:
     volume, labels = _case(tmp_path, ORIENTATIONS[name])
     uids = ResultUids.for_job(job_key(str(volume.headers[0].SeriesInstanceUID), BUNDLE.id, volume.sop_instance_uids))
     seg = build_seg(Result.of(volume, labels, BUNDLE, uids, PROV), seg_type=seg_type)
@@ -64,7 +65,7 @@ def test_seg_reads_back_to_exactly_the_labels(tmp_path: Path, name: str, seg_typ
         assert report.ok, report.errors
 
 
-def _comparable(data: bytes):  # type: ignore[no-untyped-def]
+def _comparable(data: bytes):
     """A written SEG read back, without what differs on every build (random UIDs, time stamps)."""
     ds = dcmread(BytesIO(data))
     for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
@@ -92,10 +93,10 @@ def _three_structures(volume: Volume, body: np.ndarray) -> tuple[Bundle, np.ndar
 
 
 @pytest.mark.parametrize("structures", [1, 3])
-@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+@pytest.mark.parametrize("seg_type", [SegType.BINARY, SegType.LABELMAP])
 @pytest.mark.parametrize("name", sorted(ORIENTATIONS))
 def test_seg_is_what_highdicom_builds_for_the_whole_series(
-    tmp_path: Path, name: str, seg_type: str, structures: int, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, name: str, seg_type: SegType, structures: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """build_seg writes the frames itself (highdicom builds a two-slice template): same object, every element."""
     volume, body = _case(tmp_path, ORIENTATIONS[name])
@@ -109,9 +110,9 @@ def test_seg_is_what_highdicom_builds_for_the_whole_series(
     assert _comparable(fast) == _comparable(reference)
 
 
-@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+@pytest.mark.parametrize("seg_type", [SegType.BINARY, SegType.LABELMAP])
 @pytest.mark.parametrize("slices", [1, 2, 3, 9])
-def test_seg_of_odd_sized_frames_and_short_series(tmp_path: Path, slices: int, seg_type: str) -> None:
+def test_seg_of_odd_sized_frames_and_short_series(tmp_path: Path, slices: int, seg_type: SegType) -> None:
     """13×11 frames do not fill whole bytes: BINARY bits run on across frame and segment boundaries."""
     series = write_ct_series(tmp_path, slices=slices, rows=13, columns=11, pixel_spacing=(30.0, 30.0),
                              slice_thickness=7.0, noise_hu=0)
@@ -150,7 +151,8 @@ def test_seg_falls_back_to_highdicom_when_its_template_disagrees(
     volume, labels = _case(tmp_path, ORIENTATIONS["axial"])
     result = Result.of(volume, labels, BUNDLE, ResultUids.for_job("fallback"), PROV)
     real = seg_module._pixel_data
-    monkeypatch.setattr(seg_module, "_pixel_data", lambda *args: real(*args)[::-1])  # as if highdicom packed differently
+    # as if highdicom packed differently
+    monkeypatch.setattr(seg_module, "_pixel_data", lambda *args: real(*args)[::-1])
     with caplog.at_level("WARNING", logger="node.write.seg"):
         seg = build_seg(result)
     assert "PixelData differs from highdicom's" in caplog.text
@@ -158,8 +160,9 @@ def test_seg_falls_back_to_highdicom_when_its_template_disagrees(
     assert np.array_equal(parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True), labels)
 
 
-@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
-def test_seg_file_written_in_chunks_is_pydicoms_file(tmp_path: Path, seg_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("seg_type", [SegType.BINARY, SegType.LABELMAP])
+def test_seg_file_written_in_chunks_is_pydicoms_file(tmp_path: Path, seg_type: SegType,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """encode_dataset passes the pixel data to the file as it is, after pydicom's encoding of the rest."""
     volume, labels = _case(tmp_path, ORIENTATIONS["tilted"])
     seg = build_seg(Result.of(volume, labels, BUNDLE, ResultUids.for_job("chunks"), PROV), seg_type=seg_type)
@@ -171,7 +174,7 @@ def test_seg_file_written_in_chunks_is_pydicoms_file(tmp_path: Path, seg_type: s
     assert (tmp_path / "seg.dcm").read_bytes() == _save(seg)
 
 
-def _rasterise(volume: Volume, rt) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _rasterise(volume: Volume, rt) -> np.ndarray:
     """Fill each contour back into the slice it references (even-odd), by pixel centres."""
     g = volume.geometry
     index = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
@@ -285,7 +288,8 @@ def test_several_structures_go_into_one_seg_and_one_rtstruct(tmp_path: Path) -> 
     seg_path.write_bytes(_save(build_seg(result)))
     rt_path.write_bytes(_save(build_rtstruct(result)))
     parsed = hd.seg.segread(seg_path)
-    assert [parsed.get_segment_description(n).segment_label for n in parsed.segment_numbers] == ["BODY", "Lung_L", "Spine"]
+    assert [parsed.get_segment_description(n).segment_label
+            for n in parsed.segment_numbers] == ["BODY", "Lung_L", "Spine"]
     assert np.array_equal(parsed.get_pixels_by_source_instance(volume.sop_instance_uids, combine_segments=True), labels)
     rt = dcmread(rt_path)
     names = {int(r.ROINumber): r.ROIName for r in rt.StructureSetROISequence}

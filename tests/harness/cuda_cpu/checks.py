@@ -9,18 +9,19 @@ the GPU tests' pycuda wrapper), builds its inputs, launches, and compares with `
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import ndimage
 
+from node.infer.block import image_probabilities, place_in_block
 from node.infer.gpu.kernels import Kernels, Normalisation
 from node.infer.gpu.resident import ResidentPipeline, tile_corners
-from node.infer.block import image_probabilities, place_in_block
-from node.model.bundle import Preprocess, Window
 from node.infer.segment import _sliding
 from node.infer.transforms import labels_on_native_grid, model_grid_shape, normalise, resample_centred, resample_linear
 from node.infer.window import gaussian_weights, sliding_window
+from node.model.bundle import Preprocess, Window
 from node.model.enums import Activation, WindowMode
 from tests.harness.cuda_cpu.engines import NumpyEngine
 
@@ -115,13 +116,14 @@ def check_resample_aligned(k: Kernels, mem: Memory, dtype: Any, in_shape: Shape,
     same(mem.get(dst, out_shape, F), expected, exact)
 
 
-def check_resample_centred(k: Kernels, mem: Memory, dtype: Any, in_shape: Shape, spacing: tuple[float, float, float],
-                           target: tuple[float, float, float], out_shape: Shape | None, fused: bool, exact: bool) -> None:
+def check_resample_centred(k: Kernels, mem: Memory, dtype: Any, in_shape: Shape,
+                           spacing: tuple[float, float, float], target: tuple[float, float, float],
+                           out_shape: Shape | None, fused: bool, exact: bool) -> None:
     image = ct(in_shape, dtype, seed=3 * sum(in_shape))
     expected = resample_centred(image, spacing, target, out_shape)
     if fused:
         expected = normalise(expected.copy(), PRE)
-    shape: Shape = expected.shape  # type: ignore[assignment]
+    shape: Shape = expected.shape
     dst = mem.alloc(4 * int(np.prod(shape)))
     k.resample_centred(mem.put(image), image.dtype, in_shape, spacing, target, dst, shape,
                        Normalisation.of(PRE) if fused else None, mem.new_stream())
@@ -152,7 +154,7 @@ WINDOWS: list[tuple[Shape, Shape, float, int]] = [
 
 def gather(image: np.ndarray, corners: np.ndarray, patch: Shape, pad: float) -> np.ndarray:
     """sliding_window's tiles: the image padded to at least the patch, cut at ``corners``."""
-    padded = np.full(tuple(max(s, p) for s, p in zip(image.shape, patch)), pad, dtype=F)
+    padded = np.full(tuple(max(s, p) for s, p in zip(image.shape, patch, strict=True)), pad, dtype=F)
     padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
     return np.stack([padded[z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in corners])[:, None]
 
@@ -369,8 +371,8 @@ def check_resident_single_block(device: Any, make_engine: EngineFactory, case: t
 
     model_image = normalise(resample_centred(image, spacing, pre.spacing_mm), pre)  # type: ignore[arg-type]
     pad = window.pad_value if window.pad_value is not None else (pre.clip[0] + pre.offset) * pre.scale
-    output = NumpyEngine(block, channels, out_shape).run(place_in_block(model_image, block, pad))  # type: ignore[arg-type]
-    probabilities = image_probabilities(output[0], model_image.shape, block, margin)  # type: ignore[arg-type]
+    output = NumpyEngine(block, channels, out_shape).run(place_in_block(model_image, block, pad))
+    probabilities = image_probabilities(output[0], model_image.shape, block, margin)
     if activation == "sigmoid":
         expected = [(v, probabilities[i] > threshold) for i, v in enumerate(values)]
     else:
@@ -378,12 +380,12 @@ def check_resident_single_block(device: Any, make_engine: EngineFactory, case: t
         expected = [(v, best == v) for v in values]
     assert any(e.any() and not e.all() for _, e in expected)
 
-    pipeline = ResidentPipeline(make_engine(block, channels, 1, out_shape), device)  # type: ignore[arg-type]
+    pipeline = ResidentPipeline(make_engine(block, channels, 1, out_shape), device)
     got, model = pipeline.single_block_channels(image, spacing, pre, window, Activation(activation), threshold, values)
     pipeline.close()
     assert model == model_image.shape
     assert [v for v, _ in got] == values
-    for (_, g), (_, e) in zip(got, expected):
+    for (_, g), (_, e) in zip(got, expected, strict=True):
         assert g.dtype == bool
         same(g.astype(np.uint8), e.astype(np.uint8), exact)
 

@@ -36,7 +36,7 @@ def hard_sigmoid_probabilities(tiles: np.ndarray, channels: int, r: np.ndarray,
         out.append(np.minimum(np.maximum((x * F(0.25) + F(-0.25)) + r, F(0.0)), F(1.0)))
     probs = np.stack(out, axis=1).astype(F)
     if output_shape is not None and tuple(output_shape) != probs.shape[2:]:
-        m = [(n - o) // 2 for n, o in zip(probs.shape[2:], output_shape)]
+        m = [(n - o) // 2 for n, o in zip(probs.shape[2:], output_shape, strict=True)]
         probs = probs[:, :, m[0]:m[0] + output_shape[0], m[1]:m[1] + output_shape[1], m[2]:m[2] + output_shape[2]]
     return np.ascontiguousarray(probs)
 
