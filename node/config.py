@@ -6,17 +6,21 @@ composition root (``node.service.daemon``) builds one ``NodeConfig`` and passes 
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
-import ssl
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from node.config_tls import TlsConfig, check_tls_files
 from node.errors import ConfigError
-from node.model.enums import DestinationType, EngineBackend, SegType
+from node.model.enums import DestinationType, EngineBackend, ObjectKind, RuleAction, SegType
+from node.model.routing import Conditions, Route, Rule
 from node.model.tables import Table
+
+E = TypeVar("E", bound=enum.Enum)
 
 #: Where the bundled model bundles live in a source checkout / editable install.
 DEFAULT_BUNDLES_DIR = Path(__file__).resolve().parents[1] / "engines"
@@ -35,62 +39,13 @@ class Destination:
     port: int
     tls: bool = False  # associate over TLS, presenting the node's certificate (see :class:`TlsConfig`)
     type: DestinationType = DestinationType.DICOM
+    route: Route = Route()  # which results it takes (default: every result)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", DestinationType(self.type))  # a string becomes the enum here
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
-
-
-class _KeyIsEncrypted(Exception):
-    """Raised by the password callback: the node never prompts for a key's passphrase."""
-
-
-def _no_password() -> str:
-    raise _KeyIsEncrypted
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """The ``[tls]`` table: the node's certificate and key, and the CAs its peers' certificates must chain to.
-
-    The same files serve the listening side (when ``enabled``) and every destination with ``tls = true``.
-    """
-
-    enabled: bool = False
-    certificate: Path | None = None
-    private_key: Path | None = None
-    ca_certificates: Path | None = None
-    require_client_certificate: bool = True
-
-    def _files(self) -> tuple[Path, Path, Path]:
-        if self.certificate is None or self.private_key is None or self.ca_certificates is None:
-            raise ConfigError("[tls] needs certificate, private_key and ca_certificates to use TLS")
-        return self.certificate, self.private_key, self.ca_certificates
-
-    def _context(self, protocol: ssl._SSLMethod, cls: type[ssl.SSLContext]) -> ssl.SSLContext:
-        certificate, private_key, ca_certificates = self._files()
-        ctx = cls(protocol)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_verify_locations(cafile=str(ca_certificates))
-        ctx.load_cert_chain(str(certificate), str(private_key), password=_no_password)
-        return ctx
-
-    def server_context(self, cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
-        """For the SCP: TLS >= 1.2, client certificates verified against ``ca_certificates`` (required
-        unless ``require_client_certificate`` is false, then verified only when presented)."""
-        ctx = self._context(ssl.PROTOCOL_TLS_SERVER, cls)
-        ctx.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_OPTIONAL
-        return ctx
-
-    def client_context(self) -> ssl.SSLContext:
-        """For the SCU: presents the node's certificate; the peer's must chain to ``ca_certificates``
-        and name the destination's host (DNS name or IP address in its subjectAltName)."""
-        ctx = self._context(ssl.PROTOCOL_TLS_CLIENT, ssl.SSLContext)
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
 
 
 @dataclass(frozen=True)
@@ -144,6 +99,16 @@ def parse_allowed_peer(value: Any, where: str) -> AllowedPeer:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the node's HTTP port for Prometheus metrics, /healthz and /readyz (off when port = 0)."""
+
+    port: int = 0
+    bind_address: str = "0.0.0.0"
+    #: /readyz fails for a destination that was tried in this window and never reached in it.
+    destination_window_s: float = 900.0
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything the service needs, validated."""
 
@@ -177,6 +142,8 @@ class NodeConfig:
     retention_max_spool_gb: float = 0.0
     retention_interval_s: float = 300.0
     tls: TlsConfig = TlsConfig()
+    rules: tuple[Rule, ...] = ()  # [[rules]]: which series are segmented, first match wins
+    metrics: MetricsConfig = MetricsConfig()
     source: str = "(embedded defaults)"
 
     def __post_init__(self) -> None:
@@ -250,6 +217,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     output = top.table("output")
     retention = top.table("retention")
     tls = top.table("tls")
+    metrics = top.table("metrics")
 
     def path_value(table: Table, key: str, default: Any) -> Any:
         value = table.get(key, str, None)
@@ -285,6 +253,12 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         engine_threads=engines.positive("threads", defaults.engine_threads, integer=True, allow_zero=True),
         gpu_index=engines.positive("gpu_index", defaults.gpu_index, integer=True, allow_zero=True),
         destinations=tuple(_destination(t) for t in top.tables("destinations")),
+        rules=tuple(_rule(t, i) for i, t in enumerate(top.tables("rules"))),
+        metrics=MetricsConfig(
+            port=_port_or_zero(metrics.get("port", int, 0), metrics.where("port")),
+            bind_address=metrics.get("bind_address", str, "0.0.0.0"),
+            destination_window_s=metrics.positive("destination_window_s", MetricsConfig.destination_window_s),
+        ),
         send_max_attempts=send.positive("max_attempts", defaults.send_max_attempts, integer=True),
         send_backoff_initial_s=send.positive("backoff_initial_s", defaults.send_backoff_initial_s),
         send_backoff_max_s=send.positive("backoff_max_s", defaults.send_backoff_max_s),
@@ -307,11 +281,28 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         source=source,
     )
     top.finish()
-    _check_tls(cfg.tls, [d.name for d in cfg.destinations if d.tls], source)
+    check_tls_files(cfg.tls, [d.name for d in cfg.destinations if d.tls], source)
     names = [d.name for d in cfg.destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: destination names must be unique; got {names}")
+    rule_names = [r.name for r in cfg.rules]
+    if len(set(rule_names)) != len(rule_names):
+        raise ConfigError(f"{source}: rule names must be unique; got {rule_names}")
     return cfg
+
+
+def check_bundle_names(cfg: NodeConfig, installed: list[str]) -> None:
+    """Every bundle a rule or a destination names must be installed (checked at start, with the bundles)."""
+    for i, dest in enumerate(cfg.destinations):
+        for name in dest.route.bundles:
+            if name not in installed:
+                raise ConfigError(f"{cfg.source}: key 'destinations[{i}].bundles' names {name!r}, which is not an "
+                                  f"installed bundle (installed: {', '.join(installed)})")
+    for i, rule in enumerate(cfg.rules):
+        for name in rule.bundles:
+            if name not in installed:
+                raise ConfigError(f"{cfg.source}: key 'rules[{i}].bundles' names {name!r}, which is not an "
+                                  f"installed bundle (installed: {', '.join(installed)})")
 
 
 def _destination(table: Table) -> Destination:
@@ -321,47 +312,66 @@ def _destination(table: Table) -> Destination:
     if not host:
         raise table.fail("host", "is missing; expected a host name or address")
     port = _port(table.require("port", int), table.where("port"))
+    objects = table.get("objects", list, None)
+    route = Route(
+        objects=frozenset(ObjectKind) if objects is None else frozenset(_choices(table, "objects", ObjectKind)),
+        bundles=_strings(table, "bundles"),
+        when=_conditions(table.table("when")),
+    )
     return Destination(name=table.get("name", str, aet.lower()), ae_title=aet, host=host, port=port,
-                       tls=table.get("tls", bool, False), type=kind)
+                       tls=table.get("tls", bool, False), type=kind, route=route)
 
 
-def _check_tls(tls: TlsConfig, tls_destinations: list[str], source: str) -> None:
-    """When TLS is used (``tls.enabled`` or a destination with ``tls = true``), its three files must be
-    readable PEM and the private key must be the certificate's."""
-    if not tls.enabled and not tls_destinations:
-        return
-    users = (["tls.enabled"] if tls.enabled else []) + [f"destination {n!r}" for n in tls_destinations]
-    for key in ("certificate", "private_key", "ca_certificates"):
-        path = getattr(tls, key)
-        if path is None:
-            raise ConfigError(f"{source}: key 'tls.{key}' is missing; TLS is used by {', '.join(users)} and "
-                              "needs certificate, private_key and ca_certificates (PEM files)")
+def _strings(table: Table, key: str) -> tuple[str, ...]:
+    values = table.get(key, list, [])
+    if not all(isinstance(v, str) and v for v in values):
+        raise table.fail(key, f"is {values!r}; expected a list of non-empty strings")
+    return tuple(values)
+
+
+def _choices(table: Table, key: str, enum_type: type[E]) -> list[E]:
+    out = []
+    for value in _strings(table, key):
         try:
-            text = Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{source}: key 'tls.{key}': cannot read {str(path)!r} "
-                              f"({exc.strerror or exc})") from None
-        if b"-----BEGIN " not in text:
-            raise ConfigError(f"{source}: key 'tls.{key}': {str(path)!r} is not a PEM file")
+            out.append(enum_type(value))
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in enum_type)
+            raise table.fail(key, f"holds {value!r}; expected any of {allowed}") from None
+    if not out:
+        raise table.fail(key, "is empty; leave it out to take every kind")
+    return out
+
+
+def _pattern(table: Table, key: str) -> re.Pattern[str] | None:
+    text = table.get(key, str, None)
+    if text is None:
+        return None
     try:
-        ssl.create_default_context(cafile=str(tls.ca_certificates))
-    except ssl.SSLError as exc:
-        raise ConfigError(f"{source}: key 'tls.ca_certificates': {str(tls.ca_certificates)!r} holds no usable "
-                          f"CA certificate ({exc.reason or exc})") from None
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
-            str(tls.certificate), str(tls.private_key), password=_no_password
-        )
-    except _KeyIsEncrypted:
-        raise ConfigError(f"{source}: key 'tls.private_key': {str(tls.private_key)!r} is encrypted; the node "
-                          "cannot prompt for a passphrase (store it unencrypted, readable by the node only)") from None
-    except ssl.SSLError as exc:
-        if "KEY_VALUES_MISMATCH" in str(exc):
-            raise ConfigError(f"{source}: key 'tls.private_key': {str(tls.private_key)!r} is not the private key "
-                              f"of the certificate {str(tls.certificate)!r}") from None
-        raise ConfigError(f"{source}: keys 'tls.certificate' / 'tls.private_key': {str(tls.certificate)!r} and "
-                          f"{str(tls.private_key)!r} cannot be loaded as a certificate and its key "
-                          f"({exc.reason or exc})") from None
+        return re.compile(text)
+    except re.error as exc:
+        raise table.fail(key, f"is {text!r}, which is not a valid regular expression ({exc})") from None
+
+
+def _conditions(table: Table) -> Conditions:
+    titles = _strings(table, "calling_ae")
+    for title in titles:
+        _ae_title(title, table.where("calling_ae"))
+    return Conditions(calling_ae=tuple(t.strip() for t in titles), modality=_strings(table, "modality"),
+                      study_description=_pattern(table, "study_description"),
+                      series_description=_pattern(table, "series_description"))
+
+
+def _rule(table: Table, index: int) -> Rule:
+    action = table.choice("action", RuleAction)
+    bundles = _strings(table, "bundles")
+    if bundles and action is RuleAction.IGNORE:
+        raise table.fail("bundles", "is set, but an 'ignore' rule segments nothing; remove it")
+    return Rule(name=table.get("name", str, f"rules[{index}]"), action=action, when=_conditions(table.table("when")),
+                bundles=bundles, priority=table.get("priority", int, 0))
+
+
+def _port_or_zero(value: int, where: str) -> int:
+    return 0 if value == 0 else _port(value, where)
 
 
 def with_overrides(

@@ -70,8 +70,15 @@ class DestinationType(enum.StrEnum):
 
 
 class ObjectKind(enum.StrEnum):
-    """The kinds of result object the node writes."""
+    """The kinds of result object the node writes (``destinations[].objects`` routes by them)."""
 
     SEG = "SEG"
     RTSTRUCT = "RTSTRUCT"
     SC = "SC"  # the preview, a Secondary Capture
+
+
+class RuleAction(enum.StrEnum):
+    """``[[rules]] action``: what happens to a series the rule matches."""
+
+    SEGMENT = "segment"
+    IGNORE = "ignore"
