@@ -77,6 +77,10 @@ _HEADER: dict[int, tuple[str, frozenset[str]]] = {
     STUDY_INSTANCE_UID: ("StudyInstanceUID", frozenset({"UI", "UN"})),
     SERIES_INSTANCE_UID: ("SeriesInstanceUID", frozenset({"UI", "UN"})),
 }
+#: Descriptions read for routing rules (node.model.routing): never a reason to refuse an instance.
+STUDY_DESCRIPTION = 0x00081030
+SERIES_DESCRIPTION = 0x0008103E
+_DESCRIPTIONS = (STUDY_DESCRIPTION, SERIES_DESCRIPTION)
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
@@ -124,6 +128,17 @@ def _header_text(found: dict[int, RawElement], tag: int) -> str:
     return text.strip()
 
 
+def _description(found: dict[int, RawElement], tag: int, charset: str) -> str:
+    """A description (LO) as text for routing: UTF-8 under ISO_IR 192, else Latin-1; '' when its VR
+    is not LO/UN (a description is never a reason to refuse an instance)."""
+    element = found.get(tag)
+    if element is None or (element.vr is not None and element.vr not in ("LO", "UN")):
+        return ""
+    encoding = "utf-8" if "ISO_IR 192" in charset else "latin-1"
+    text = element.value.rstrip(b"\x00 ").decode(encoding, errors="replace")
+    return "".join(c for c in text if c.isprintable()).strip()[:64]
+
+
 def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: str,
                        transfer_syntax: str) -> InstanceMeta:
     """Check a received dataset (as encoded, no file meta) and read what the index needs, pixels untouched.
@@ -138,11 +153,11 @@ def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: 
     SOPInstanceUID in the dataset and the UID only in the file meta.
     """
     try:
-        found = scan(dataset, transfer_syntax, _HEADER)
+        found = scan(dataset, transfer_syntax, {*_HEADER, *_DESCRIPTIONS})
     except FramingError as exc:
         raise HeaderError(f"the dataset of SOP Instance {shown_uid(sop_instance_uid)} cannot be parsed: {exc}") from exc
     try:
-        _header_text(found, SPECIFIC_CHARACTER_SET)
+        charset = _header_text(found, SPECIFIC_CHARACTER_SET)
         modality = _header_text(found, MODALITY)
         ds_class = _header_text(found, SOP_CLASS_UID)
         ds_instance = _header_text(found, SOP_INSTANCE_UID)
@@ -179,6 +194,8 @@ def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: 
         series_uid=series_uid,
         modality=modality,
         transfer_syntax=transfer_syntax,
+        study_description=_description(found, STUDY_DESCRIPTION, charset),
+        series_description=_description(found, SERIES_DESCRIPTION, charset),
     )
 
 

@@ -28,6 +28,8 @@ from node.jobs.pipeline import run_job
 from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
 from node.model.records import JobState
+from node.model.routing import SourceFacts
+from node.send.routing import route_results
 from node.spool.index import Index
 from node.write.provenance import Provenance
 
@@ -99,7 +101,6 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
     bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
     factory = EngineLoader.from_config(cfg)
     reports.put(load_engines(factory, bundles, spec.name))
-    destinations = [d.name for d in cfg.destinations]
     while not stop.is_set() and not terminating:
         job = index.claim_job(spec.name)
         if job is None:
@@ -139,13 +140,17 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
             index.fail_job(job.id, f"unexpected {type(exc).__name__}: {exc}")
             continue
         timings = dict(outcome.timings, total=round(time.time() - started, 3))
+        series = index.series(job.series_uid)
+        facts = SourceFacts.of(series) if series is not None else SourceFacts("", "", "", "")
+        routed = route_results(cfg.destinations, bundle.name, outcome.objects, facts)
         index.finish_job(
             job.id,
             result_dir=str(outcome.objects[0].path.parent) if outcome.objects else "",
             timings=json.dumps(timings),
-            outbox=[(dest, o.path, o.sop_instance_uid, o.sop_class_uid)
-                    for dest in destinations for o in outcome.objects],
+            outbox=routed.outbox,
+            note=routed.note,
         )
+        log.info("job %d: %s", job.id, routed.note)
         log.info(
             "job %d done: %s → %s in %.1f s %s",
             job.id,

@@ -37,6 +37,8 @@ class InstanceMeta:
     series_uid: str
     modality: str
     transfer_syntax: str
+    study_description: str = ""  # for routing rules (node.model.routing); not an identifier
+    series_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class SeriesRecord:
     last_received: float
     state: SeriesState
     note: str
+    calling_ae: str = ""  # the AE that sent its first instance
+    study_description: str = ""
+    series_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class JobRecord:
     updated: float
     error: str
     result_dir: str
+    priority: int = 0  # from the rule that matched the series; higher is taken from the queue first
+    calling_ae: str = ""  # the series' sender: the queue is shared round-robin across senders
+    note: str = ""  # where the results went and why (routing), or why nowhere
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,5 @@ class OutboxItem:
     attempts: int
     next_attempt_at: float
     last_status: str
+    route: str = ""  # why this destination takes this object (its routing, as a phrase)
+    last_attempt_at: float | None = None

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from node.model.enums import ObjectKind, RuleAction
+from node.model.records import SeriesRecord
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class SourceFacts:
     modality: str
     study_description: str
     series_description: str
+
+    @classmethod
+    def of(cls, series: SeriesRecord) -> SourceFacts:
+        """The facts of a series as the index recorded them."""
+        return cls(series.calling_ae, series.modality, series.study_description, series.series_description)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import IO
 
 from node.assemble.stable import Assembler
-from node.config import NodeConfig
+from node.config import NodeConfig, check_bundle_names
 from node.dicom.scp import Receiver
 from node.errors import ConfigError
 from node.infer.backends.registry import is_strict
@@ -74,8 +74,9 @@ class Service:
         self.spool = Spool(cfg.spool_dir)
         self.index = Index(cfg.index_path)
         self.bundles = discover_bundles(cfg.bundles_dir, cfg.bundles)
+        check_bundle_names(cfg, [b.name for b in self.bundles])
         self.receiver = Receiver(cfg, self.spool, self.index)
-        self.assembler = Assembler(self.index, self.bundles)
+        self.assembler = Assembler(self.index, self.bundles, cfg.rules)
         self.sender = Sender(cfg, self.index)
         self.workers = WorkerPool(cfg, self.index)
         self.retention = Retention(cfg, self.index)

@@ -82,6 +82,20 @@ CREATE TABLE IF NOT EXISTS pending_deletions (
 );
 """
 
+#: Columns added after the first release: an index written by an older node gains them at start
+#: (ALTER TABLE … ADD COLUMN, each with a default, so old rows read as before).
+ADDED_COLUMNS = (
+    ("series", "calling_ae", "TEXT NOT NULL DEFAULT ''"),
+    ("series", "study_description", "TEXT NOT NULL DEFAULT ''"),
+    ("series", "series_description", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "priority", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "calling_ae", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "claimed_at", "REAL"),
+    ("jobs", "note", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "route", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "last_attempt_at", "REAL"),
+)
+
 
 class IndexDb:
     """The connection to the index file and its lock; the tables' queries are in the subclasses."""
@@ -101,6 +115,15 @@ class IndexDb:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        with self._tx() as db:
+            for table, column, declaration in ADDED_COLUMNS:
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority)")
 
     def close(self) -> None:
         with self._lock:

@@ -47,14 +47,20 @@ class InstanceRows(IndexDb):
                 return False
             db.execute(
                 """INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, instance_count,
-                       first_received, last_received, settle_at, state)
-                   VALUES (?,?,?,?,1,?,?,?,?)
+                       first_received, last_received, settle_at, state, calling_ae, study_description,
+                       series_description)
+                   VALUES (?,?,?,?,1,?,?,?,?,?,?,?)
                    ON CONFLICT(series_uid) DO UPDATE SET
                        instance_count = instance_count + 1,
                        last_received = excluded.last_received,
                        settle_at = excluded.settle_at,
                        state = excluded.state,
-                       note = ''""",
+                       note = '',
+                       calling_ae = CASE WHEN calling_ae = '' THEN excluded.calling_ae ELSE calling_ae END,
+                       study_description = CASE WHEN study_description = '' THEN excluded.study_description
+                                                ELSE study_description END,
+                       series_description = CASE WHEN series_description = '' THEN excluded.series_description
+                                                 ELSE series_description END""",
                 (
                     meta.series_uid,
                     meta.study_uid,
@@ -64,6 +70,9 @@ class InstanceRows(IndexDb):
                     now,
                     now + quiet_period_s,
                     SeriesState.RECEIVING.value,
+                    calling_ae,
+                    meta.study_description,
+                    meta.series_description,
                 ),
             )
         return True

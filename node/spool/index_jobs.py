@@ -13,8 +13,10 @@ from node.spool.index_db import IndexDb
 class JobRows(IndexDb):
     """Jobs: queue, claim, finish (queueing the results in the outbox), fail, requeue, read."""
 
-    def dispatch(self, series_uid: str, bundles: list[str], note: str = "", now: float | None = None) -> list[int]:
-        """Mark a settled series dispatched and queue one job per bundle, atomically."""
+    def dispatch(self, series_uid: str, bundles: list[str], note: str = "", now: float | None = None, *,
+                 priority: int = 0) -> list[int]:
+        """Mark a settled series dispatched and queue one job per bundle, atomically; the jobs carry the
+        series' sender (for round-robin) and ``priority`` (from the rule that matched it)."""
         now = time.time() if now is None else now
         ids: list[int] = []
         with self._tx() as db:
@@ -22,25 +24,36 @@ class JobRows(IndexDb):
                 "UPDATE series SET state=?, note=? WHERE series_uid=?",
                 (SeriesState.DISPATCHED.value, note, series_uid),
             )
+            sender = db.execute("SELECT calling_ae FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            calling_ae = sender["calling_ae"] if sender is not None else ""
             for bundle in bundles:
                 cur = db.execute(
-                    "INSERT INTO jobs (series_uid, bundle, state, created, updated) VALUES (?,?,?,?,?)",
-                    (series_uid, bundle, JobState.QUEUED.value, now, now),
+                    "INSERT INTO jobs (series_uid, bundle, state, created, updated, priority, calling_ae) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (series_uid, bundle, JobState.QUEUED.value, now, now, priority, calling_ae),
                 )
                 ids.append(int(cur.lastrowid or 0))
         return ids
 
     def claim_job(self, worker: str, now: float | None = None) -> JobRecord | None:
+        """Take the next job: the highest priority first; within it, the sender (calling AE) whose jobs
+        were least recently taken, so a long queue from one sender does not starve another; then the
+        oldest job of that sender."""
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.QUEUED.value,)
+                """SELECT q.* FROM jobs q
+                   LEFT JOIN (SELECT calling_ae, MAX(claimed_at) AS served FROM jobs
+                              WHERE claimed_at IS NOT NULL GROUP BY calling_ae) s ON s.calling_ae = q.calling_ae
+                   WHERE q.state=?
+                   ORDER BY q.priority DESC, COALESCE(s.served, 0), q.id LIMIT 1""",
+                (JobState.QUEUED.value,),
             ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state=?, worker=?, attempts=attempts+1, updated=? WHERE id=?",
-                (JobState.RUNNING.value, worker, now, row["id"]),
+                "UPDATE jobs SET state=?, worker=?, attempts=attempts+1, updated=?, claimed_at=? WHERE id=?",
+                (JobState.RUNNING.value, worker, now, now, row["id"]),
             )
             row = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
         return _job(row)
@@ -51,27 +64,31 @@ class JobRows(IndexDb):
         *,
         result_dir: str,
         timings: str,
-        outbox: list[tuple[str, Path, str, str]],
+        outbox: list[tuple[str, Path, str, str]] | list[tuple[str, Path, str, str, str]],
+        note: str = "",
         now: float | None = None,
     ) -> None:
         """Mark a job done and queue its results for each destination, in one transaction.
 
-        ``outbox`` holds (destination name, file path, SOP Instance UID, SOP Class UID).
+        ``outbox`` holds (destination name, file path, SOP Instance UID, SOP Class UID[, route: why the
+        destination takes the object]); ``note`` says where the results went, or why nowhere.
         """
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state=?, result_dir=?, timings=?, error='', updated=? WHERE id=?",
-                (JobState.DONE.value, result_dir, timings, now, job_id),
+                "UPDATE jobs SET state=?, result_dir=?, timings=?, error='', note=?, updated=? WHERE id=?",
+                (JobState.DONE.value, result_dir, timings, note, now, job_id),
             )
-            for destination, path, sop_uid, sop_class in outbox:
+            for entry in outbox:
+                destination, path, sop_uid, sop_class = entry[:4]
+                route = entry[4] if len(entry) > 4 else ""
                 db.execute(
                     """INSERT INTO outbox (job_id, destination, path, sop_instance_uid, sop_class_uid,
-                           state, next_attempt_at) VALUES (?,?,?,?,?,?,?)
+                           state, next_attempt_at, route) VALUES (?,?,?,?,?,?,?,?)
                        ON CONFLICT(destination, sop_instance_uid) DO UPDATE SET
                            job_id=excluded.job_id, path=excluded.path, state=excluded.state,
-                           attempts=0, next_attempt_at=excluded.next_attempt_at""",
-                    (job_id, destination, str(path), sop_uid, sop_class, OutboxState.PENDING.value, now),
+                           attempts=0, next_attempt_at=excluded.next_attempt_at, route=excluded.route""",
+                    (job_id, destination, str(path), sop_uid, sop_class, OutboxState.PENDING.value, now, route),
                 )
 
     def fail_job(self, job_id: int, error: str, now: float | None = None,
@@ -137,4 +154,7 @@ def _job(r: sqlite3.Row) -> JobRecord:
         updated=r["updated"],
         error=r["error"],
         result_dir=r["result_dir"],
+        priority=r["priority"],
+        calling_ae=r["calling_ae"],
+        note=r["note"],
     )

@@ -32,22 +32,26 @@ class OutboxRows(IndexDb):
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "UPDATE outbox SET state=?, last_status=?, sent_at=?, attempts=attempts+1 WHERE id=?",
-                (OutboxState.SENT.value, status, now, item_id),
+                "UPDATE outbox SET state=?, last_status=?, sent_at=?, last_attempt_at=?, attempts=attempts+1 "
+                "WHERE id=?",
+                (OutboxState.SENT.value, status, now, now, item_id),
             )
 
-    def mark_attempt_failed(self, item_id: int, status: str, *, retry_at: float | None) -> None:
+    def mark_attempt_failed(self, item_id: int, status: str, *, retry_at: float | None,
+                            now: float | None = None) -> None:
         """Record a failed attempt; ``retry_at=None`` gives up (dead letter)."""
+        now = time.time() if now is None else now
         with self._tx() as db:
             if retry_at is None:
                 db.execute(
-                    "UPDATE outbox SET state=?, last_status=?, attempts=attempts+1 WHERE id=?",
-                    (OutboxState.DEAD.value, status, item_id),
+                    "UPDATE outbox SET state=?, last_status=?, last_attempt_at=?, attempts=attempts+1 WHERE id=?",
+                    (OutboxState.DEAD.value, status, now, item_id),
                 )
             else:
                 db.execute(
-                    "UPDATE outbox SET last_status=?, attempts=attempts+1, next_attempt_at=? WHERE id=?",
-                    (status, retry_at, item_id),
+                    "UPDATE outbox SET last_status=?, last_attempt_at=?, attempts=attempts+1, next_attempt_at=? "
+                    "WHERE id=?",
+                    (status, now, retry_at, item_id),
                 )
 
     def outbox(self, limit: int = 200) -> list[OutboxItem]:
@@ -100,4 +104,6 @@ def _outbox(r: sqlite3.Row) -> OutboxItem:
         attempts=r["attempts"],
         next_attempt_at=r["next_attempt_at"],
         last_status=r["last_status"],
+        route=r["route"],
+        last_attempt_at=r["last_attempt_at"],
     )

@@ -53,4 +53,7 @@ def _series(r: sqlite3.Row) -> SeriesRecord:
         last_received=r["last_received"],
         state=SeriesState(r["state"]),
         note=r["note"],
+        calling_ae=r["calling_ae"],
+        study_description=r["study_description"],
+        series_description=r["series_description"],
     )

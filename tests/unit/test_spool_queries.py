@@ -125,7 +125,7 @@ def test_status_report_limits_rows_and_serialises_as_status_json(tmp_path: Path)
     assert data["series"][0] == {"series_uid": "1.1", "study_uid": "1.2", "modality": "CT",
                                  "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "instance_count": 2,
                                  "first_received": NOW - 100, "last_received": NOW - 99, "state": "dispatched",
-                                 "note": ""}
+                                 "note": "", "calling_ae": "T", "study_description": "", "series_description": ""}
     job = data["jobs"][0]
     assert job["state"] == "done" and job["result_dir"] == str(state.cfg.job_result_dir(3)) and "timings" not in job
     item = data["outbox"][0]

@@ -1,0 +1,55 @@
+"""Which destinations receive which result objects of a finished job, and the sentence saying so.
+
+Each destination's ``route`` (objects, bundles, conditions on the source series; node.model.routing)
+is asked for each object; the outbox rows record the route that took them, and the job's note says
+where its results went and why any destination took nothing ("sent nowhere: …" when none did).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.config import Destination
+from node.model.enums import ObjectKind
+from node.model.routing import SourceFacts
+from node.write.files import WrittenObject
+
+
+@dataclass(frozen=True)
+class RoutedResults:
+    #: (destination name, file, SOP Instance UID, SOP Class UID, the route that took it) per outbox row
+    outbox: list[tuple[str, Path, str, str, str]]
+    note: str
+
+
+def object_kind(obj: WrittenObject) -> ObjectKind:
+    return ObjectKind.SC if obj.kind == "PREVIEW" else ObjectKind(obj.kind)
+
+
+def route_results(destinations: tuple[Destination, ...], bundle_name: str, objects: list[WrittenObject],
+                  facts: SourceFacts) -> RoutedResults:
+    outbox: list[tuple[str, Path, str, str, str]] = []
+    sent: list[str] = []
+    refused: list[str] = []
+    for dest in destinations:
+        taken: list[str] = []
+        why_not: list[str] = []
+        for obj in objects:
+            reason = dest.route.mismatch(object_kind(obj), bundle_name, facts)
+            if reason is None:
+                outbox.append((dest.name, obj.path, obj.sop_instance_uid, obj.sop_class_uid, dest.route.describe()))
+                taken.append(str(object_kind(obj)))
+            elif reason not in why_not:
+                why_not.append(reason)
+        if taken:
+            sent.append(f"{dest.name} ({', '.join(taken)})")
+        else:
+            refused.append(f"{dest.name}: {'; '.join(why_not) or 'no objects'}")
+    if not destinations:
+        note = "no destination is configured"
+    elif not sent:
+        note = "sent nowhere: " + " | ".join(refused)
+    else:
+        note = "sent to " + ", ".join(sent) + (("; not to " + " | ".join(refused)) if refused else "")
+    return RoutedResults(outbox, note)
