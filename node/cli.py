@@ -6,6 +6,7 @@ echo     C-ECHO a DICOM peer
 status   what the service's index holds: series, jobs, outbox, retention figures
 retry    resend dead-lettered results
 replay   send a finished series' results again (same files, same SOP Instance UIDs)
+route    explain which rules and destinations match a received series
 engines  doctor | build | bench: the GPU, TensorRT plans, engine speed (node/cli_engines.py)
 """
 
@@ -230,25 +231,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     t = Table(title=f"series ({report.instance_count} instances stored)")
-    for c in ("series", "modality", "instances", "state", "note"):
+    for c in ("series", "from", "modality", "instances", "state", "note"):
         t.add_column(c, overflow="fold")
     for s in report.recent_series:
-        t.add_row(s.series_uid, s.modality, str(s.instance_count), s.state.value, s.note)
+        t.add_row(s.series_uid, s.calling_ae, s.modality, str(s.instance_count), s.state.value, s.note)
     console.print(t)
     t = Table(title="jobs")
-    for c in ("id", "series", "bundle", "state", "attempts", "error / timings"):
+    for c in ("id", "series", "bundle", "state", "attempts", "error / timings", "routing"):
         t.add_column(c, overflow="fold")
     for js in report.jobs:
         j = js.job
-        t.add_row(str(j.id), j.series_uid[-16:], j.bundle, j.state.value, str(j.attempts), js.detail)
+        t.add_row(str(j.id), j.series_uid[-16:], j.bundle, j.state.value, str(j.attempts), js.detail, j.note)
     console.print(t)
     t = Table(title="outbox")
-    for c in ("id", "job", "destination", "object", "state", "attempts", "next try", "last status"):
+    for c in ("id", "job", "destination", "object", "state", "attempts", "next try", "last status", "route"):
         t.add_column(c, overflow="fold")
     for o in report.outbox:
         nxt = time.strftime("%H:%M:%S", time.localtime(o.next_attempt_at)) if o.state.value == "pending" else ""
         t.add_row(str(o.id), str(o.job_id), o.destination, o.path.name, o.state.value, str(o.attempts), nxt,
-                  o.last_status)
+                  o.last_status, o.route)
     console.print(t)
     console.print(_retention_table(report.retention))
     return 0
@@ -301,6 +302,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
+def cmd_route(args: argparse.Namespace) -> int:
+    from node.assemble.explain import explain_series
+    from node.config import check_bundle_names
+    from node.infer.manifest import discover_bundles
+
+    cfg = _load(args)
+    index = _open_index(cfg)
+    if index is None:
+        return 1
+    series = index.series(args.explain)
+    if series is None:
+        print(f"error: series {args.explain} is not in the index at {cfg.index_path}", file=sys.stderr)
+        return 2
+    bundles = discover_bundles(cfg.bundles_dir, cfg.bundles)
+    check_bundle_names(cfg, [b.name for b in bundles])
+    print("\n".join(explain_series(cfg, bundles, series).lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-seg-node",
@@ -361,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", dest="replay_destination", action="append", metavar="NAME",
                    help="destination name (repeatable); default: every destination the series was sent to")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("route", help="explain the routing of a received series",
+                       description="Which rules and destinations match a series already received, and why.")
+    add_config(p)
+    p.add_argument("--explain", required=True, metavar="SERIES_UID", help="Series Instance UID of a received series")
+    p.set_defaults(func=cmd_route)
 
     from node.cli_engines import add_engines_parser
 

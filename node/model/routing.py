@@ -120,12 +120,15 @@ class Route:
         return self.objects == frozenset(ObjectKind) and not self.bundles and self.when.empty
 
     def mismatch(self, kind: ObjectKind, bundle_name: str, facts: SourceFacts) -> str | None:
-        """None when this destination takes the object, else why not."""
+        """None when this destination takes the object, else why not (the source series first: when it
+        does not qualify, that is the whole reason)."""
+        if (why := self.when.mismatch(facts)) is not None:
+            return why
         if kind not in self.objects:
             return f"takes {sorted(str(o) for o in self.objects)}, not {kind}"
         if self.bundles and bundle_name not in self.bundles:
             return f"takes bundles {list(self.bundles)}, not {bundle_name}"
-        return self.when.mismatch(facts)
+        return None
 
     def describe(self) -> str:
         if self.everything:

@@ -111,6 +111,15 @@ class NodeProcess:
         )
         return json.loads(out.stdout)
 
+    def route_explain(self, series_uid: str) -> str:
+        """``route --explain`` for a received series, under this node's config and state."""
+        out = subprocess.run(
+            [sys.executable, "-m", "node", "route", "-c", str(self.config_path), "--state-dir", str(self.state_dir),
+             "--explain", series_uid],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        )
+        return out.stdout
+
     def wait_status(self, predicate: Any, timeout: float, interval: float = 0.5) -> dict[str, Any]:
         """Poll ``status --json`` until ``predicate(status)`` is true; raise TimeoutError with the log."""
         deadline = time.time() + timeout
