@@ -127,3 +127,19 @@ calling_ae = ["CT_ER"]
     assert routes[("tps", RTSTRUCT_CLASS)].startswith("RTSTRUCT of ['body-threshold'] when calling AE in ['CT_SIM1']")
     assert "decision: no rule matched" in route_text and "pacs (" in route_text
     assert "body-threshold → nothing (calling AE 'CT_UNLISTED' is not one of ['CT_SIM1', 'CT_ER']" in route_text
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('[[destinations]]\nae_title = "P"\nhost = "127.0.0.1"\nport = 104\nbundles = ["livr"]\n',
+         "key 'destinations[0].bundles' names 'livr', which is not an installed bundle"),
+        ('[[rules]]\naction = "segment"\n[rules.when]\nstudy_description = "*planning"\n',
+         "key 'rules[0].when.study_description' is '*planning', which is not a valid regular expression"),
+    ],
+)
+def test_bad_routing_stops_the_node_at_start(tmp_path: Path, toml: str, needle: str) -> None:
+    node = NodeProcess(tmp_path / "node", extra_toml=toml, startup_timeout=30)
+    with pytest.raises(RuntimeError, match="the node exited with 2 at start") as err:
+        node.start()
+    assert needle in str(err.value)
