@@ -48,6 +48,7 @@ from pynetdicom.pdu_items import (
     TransferSyntaxSubItem,
 )
 
+from node import telemetry
 from node.dicom.status import Status
 
 if TYPE_CHECKING:
@@ -192,6 +193,7 @@ class PeerGuard:
         log.warning("association from %r at %s rejected: the A-ASSOCIATE-RQ is malformed: %s",
                     calling, _peer(assoc), reason)
         assoc.acse.send_reject(0x01, 0x02, 0x01)  # rejected-permanent, ACSE service provider, no reason
+        telemetry.association_rejected("malformed_request")
         assoc.kill()  # as pynetdicom does after its own rejections: wait for the RJ to go out
 
     # ------------------------------------------------------------------ DIMSE
@@ -210,6 +212,7 @@ class PeerGuard:
         rsp.Status = int(Status.DATASET_MISMATCH)
         log.error("C-STORE from %s refused (0x%04X): the request has no Affected SOP Instance UID",
                   event.assoc.requestor.ae_title, Status.DATASET_MISMATCH)
+        telemetry.store_response(event.assoc.requestor.ae_title, Status.DATASET_MISMATCH)
         event.assoc.dimse.send_msg(rsp, int(message.context_id or 0))
 
 

@@ -35,6 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import telemetry
 from node.config import NodeConfig, calling_ae_allowed
 from node.dicom.filemeta import encode_file_meta
 from node.dicom.framing import FramingError, RawElement, scan
@@ -82,6 +83,8 @@ STUDY_DESCRIPTION = 0x00081030
 SERIES_DESCRIPTION = 0x0008103E
 _DESCRIPTIONS = (STUDY_DESCRIPTION, SERIES_DESCRIPTION)
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+#: pynetdicom's own rejections, by (result source, diagnostic) of the A-ASSOCIATE-RJ, as metric reasons.
+_REJECTIONS = {(3, 2): "association_limit", (1, 7): "called_ae_not_recognised", (2, 1): "user_identity"}
 
 
 class HeaderError(ValueError):
@@ -298,6 +301,7 @@ class Receiver:
         log.warning("association rejected from calling AE %r at %s:%s: %s (A-ASSOCIATE-RJ: calling AE title "
                     "not recognised)", calling, address, assoc.requestor.port, why)
         assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+        telemetry.association_rejected("calling_ae_not_allowed")
         assoc.kill()  # as pynetdicom does after its own rejections: wait for the RJ to go out
 
     def _limit_per_peer(self, event: evt.Event) -> None:
@@ -322,15 +326,18 @@ class Receiver:
                     "node.max_associations_per_peer is %d (A-ASSOCIATE-RJ: local limit exceeded)",
                     calling, assoc.requestor.address, assoc.requestor.port, len(alive), limit)
         assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit
+        telemetry.association_rejected("peer_limit")
         assoc.kill()
 
     def _forget_peer(self, event: evt.Event) -> None:
+        telemetry.connection_closed(id(event.assoc))
         with self._lock:
             for held in self._per_peer.values():
                 held.discard(event.assoc)
 
     def _on_accepted(self, event: evt.Event) -> None:
         req = event.assoc.requestor
+        telemetry.association_accepted(req.ae_title, id(event.assoc))
         if not self.cfg.allowed_calling_aes:
             log.info("association accepted from %s at %s:%s (no allow-list: any calling AE is accepted)",
                      req.ae_title, req.address, req.port)
@@ -340,6 +347,8 @@ class Receiver:
     def _on_rejected(self, event: evt.Event) -> None:
         req = event.assoc.requestor
         rj = event.assoc.acceptor.primitive
+        source_and_reason = (getattr(rj, "result_source", 0), getattr(rj, "diagnostic", 0))
+        telemetry.association_rejected(_REJECTIONS.get(source_and_reason, "other"))
         log.warning("association rejected from calling AE %r at %s:%s (result %s, source %s, reason %s; "
                     "every association slot in use, or a called AE or user identity not accepted)",
                     req.ae_title, req.address, req.port, getattr(rj, "result", "?"),
@@ -352,6 +361,11 @@ class Receiver:
             self.index.settle_sooner(series, self.cfg.release_settle_s)
 
     def _on_store(self, event: evt.Event) -> int:
+        status = self._store(event)
+        telemetry.store_response(event.assoc.requestor.ae_title, status)
+        return status
+
+    def _store(self, event: evt.Event) -> int:
         req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID or "")
         sop_class = str(req.AffectedSOPClassUID or "")
@@ -406,6 +420,7 @@ class Receiver:
         with self._lock:
             self._assoc_series.setdefault(id(event.assoc), set()).add(meta.series_uid)
             self.received += 1
+        telemetry.instance_received(calling, size)
         if self.on_instance is not None:
             self.on_instance(meta)
         return Status.SUCCESS

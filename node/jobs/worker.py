@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
+from node import telemetry
 from node.config import NodeConfig
 from node.errors import Declined, NodeError
 from node.infer.backends.loader import EngineLoader
@@ -97,6 +98,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
     terminating: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
     cfg = spec.cfg
+    telemetry.attach(telemetry.metrics_dir(cfg))
     index = Index(cfg.index_path)
     bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
     factory = EngineLoader.from_config(cfg)
@@ -150,6 +152,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
             outbox=routed.outbox,
             note=routed.note,
         )
+        telemetry.job_timings(bundle.id, timings)
         log.info("job %d: %s", job.id, routed.note)
         log.info(
             "job %d done: %s → %s in %.1f s %s",
@@ -215,6 +218,7 @@ class WorkerPool:
                     worker=f"{name}-{os.getpid()}", max_attempts=MAX_JOB_ATTEMPTS, reason=reason
                 )
                 log.error("%s; restarting it (jobs returned to the queue: %s)", reason, requeued or "none")
+                telemetry.process_dead(proc.pid)
                 self._spawn(name)
 
     def stop(self, timeout: float = 30.0) -> None:

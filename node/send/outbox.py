@@ -14,6 +14,7 @@ import logging
 import time
 from collections import defaultdict
 
+from node import telemetry
 from node.config import Destination, NodeConfig
 from node.errors import SendError
 from node.model.records import OutboxItem
@@ -56,6 +57,7 @@ class Sender:
                 for item in items:
                     self.index.mark_attempt_failed(item.id, f"destination {name!r} is no longer configured",
                                                    retry_at=None)
+                    telemetry.result_failed(name, dead=True)
                 continue
             sent += self._send(destination, items)
         return sent
@@ -70,15 +72,18 @@ class Sender:
         missing = [i for i in items if not i.path.is_file()]
         for item in missing:
             self.index.mark_attempt_failed(item.id, f"result file {item.path} is missing", retry_at=None)
+            telemetry.result_failed(destination.name, dead=True)
         items = [i for i in items if i.path.is_file()]
         if not items:
             return 0
         try:
-            results = self._transport(destination).send(destination, [i.path for i in items])
+            with telemetry.send_timer(destination.name):
+                results = self._transport(destination).send(destination, [i.path for i in items])
         except (SendError, OSError) as exc:
             for item in items:
                 retry_at = self._retry_at(item)
                 self.index.mark_attempt_failed(item.id, str(exc), retry_at=retry_at)
+                telemetry.result_failed(destination.name, dead=retry_at is None)
             delay = "giving up" if retry_at is None else f"next try in {retry_at - time.time():.0f} s"
             log.warning("sending %d object(s) to %s failed (attempt %d): %s; %s",
                         len(items), destination, items[0].attempts + 1, exc, delay)
@@ -87,11 +92,13 @@ class Sender:
         for item, result in zip(items, results, strict=True):
             if result.outcome is Outcome.DELIVERED:
                 self.index.mark_sent(item.id, result.description)
+                telemetry.result_sent(destination.name)
                 sent += 1
                 log.info("sent %s to %s: %s", item.sop_instance_uid, destination, result.description)
             else:
                 retry_at = self._retry_at(item) if result.outcome is Outcome.RETRYABLE else None
                 self.index.mark_attempt_failed(item.id, result.description, retry_at=retry_at)
+                telemetry.result_failed(destination.name, dead=retry_at is None)
                 log.warning("%s refused %s: %s (%s)", destination, item.sop_instance_uid, result.description,
                             "giving up" if retry_at is None else "will retry")
         return sent

@@ -1,8 +1,9 @@
 """The composition root: builds every stage from one config and runs them until told to stop.
 
 Threads in this process: the receiver (pynetdicom's association threads), the main loop that
-settles series, supervises workers and applies retention (``node.spool.retention``), and a sender
-thread for the outbox. Worker processes run the segmentation.
+settles series, supervises workers and applies retention (``node.spool.retention``), a sender
+thread for the outbox and, with ``metrics.port`` set, the HTTP port (``node.service.http``: /metrics,
+/healthz, /readyz). Worker processes run the segmentation.
 SIGTERM/SIGINT: stop accepting associations, let workers finish their current job (or abandon it
 to the queue after a timeout), and exit; everything acknowledged is already durable.
 """
@@ -17,8 +18,9 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
+from node import telemetry
 from node.assemble.stable import Assembler
 from node.config import NodeConfig, check_bundle_names
 from node.dicom.scp import Receiver
@@ -32,6 +34,9 @@ from node.spool.index import Index
 from node.spool.recover import reconcile
 from node.spool.retention import Retention
 from node.spool.store import Spool
+
+if TYPE_CHECKING:
+    from node.service.http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,7 @@ class Service:
         self.sender = Sender(cfg, self.index)
         self.workers = WorkerPool(cfg, self.index)
         self.retention = Retention(cfg, self.index)
+        self.http: HttpServer | None = None
 
     def _recover(self) -> None:
         removed = self.spool.clean_tmp()
@@ -100,7 +106,8 @@ class Service:
         self._recover()
         sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         try:
-            self.receiver.start()  # first: a port in use fails here, before any worker exists
+            self.http = self._start_http()  # before the receiver records and the workers inherit its directory
+            self.receiver.start()  # a port in use fails here, before any worker exists
             self.workers.start()
             sender.start()
             # Receiving and assembling go on while the workers load their engines (a first TensorRT
@@ -123,6 +130,20 @@ class Service:
                 self.stop_event.wait(LOOP_INTERVAL_S)
         finally:
             self.shutdown(sender)
+
+    def _start_http(self) -> HttpServer | None:
+        """With ``metrics.port`` set: metrics on in this process (and the workers), the HTTP port bound
+        (ConfigError when it is in use) and served from its own thread; None when it is 0 (off)."""
+        directory = telemetry.metrics_dir(self.cfg)
+        if directory is None:
+            return None
+        telemetry.setup(directory)
+        from node.service.http import HttpServer  # starlette and uvicorn only when the port is on
+
+        # The HTTP thread reads copies of the workers' engine reports (the dict is only ever updated in place).
+        server = HttpServer(self.cfg, [b.id for b in self.bundles], self.workers.reports.copy)
+        server.start()
+        return server
 
     def _stop_with_error(self, reason: str) -> None:
         """Stop the service and exit 1 (systemd's Restart=on-failure and its log say why)."""
@@ -200,6 +221,8 @@ class Service:
         notify("STOPPING=1")
         self.stop_event.set()
         self.receiver.stop()
+        if self.http is not None:
+            self.http.stop()
         if sender.is_alive():
             sender.join(self.cfg.send_timeout_s + 5)
         self.workers.stop()
