@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP) tools
-	$(BIN)/python benchmarks/receive_and_turnaround.py --slices 300 --repeats 3
+	$(BIN)/python benchmarks/receive_and_turnaround.py --slices 300 --repeats 3 --scrape
 
 clean:
 	rm -rf $(VENV) state .pytest_cache

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/receive_and_turnaround.py [--slices 300] [--repeats 3] [--json OUT]
+    .venv/bin/python benchmarks/receive_and_turnaround.py [--slices 300] [--repeats 3] [--scrape] [--json OUT]
 
 What it measures (everything on 127.0.0.1, DCMTK processes with ``TCP_NODELAY=1``):
 
@@ -11,6 +11,8 @@ What it measures (everything on 127.0.0.1, DCMTK processes with ``TCP_NODELAY=1`
    (a) into ``/usr/bin/storescp`` (files written to a temporary folder) and
    (b) into the node (``python -m node serve``, fresh state folder per repeat, a quiet period of
    600 s so that no segmentation competes with the push, no destination).
+   With ``--scrape`` (c) a third push goes into a node serving ``[metrics]`` while a real Prometheus
+   (tests/harness/prometheus.py) scrapes it every second: a scrape must not slow receiving.
    Images/s = slices / wall time of the storescu process. After every push into the node the
    index must hold every instance (``SELECT COUNT(*) FROM instances``). Note that the node makes
    every instance durable before it answers (fsync of the file and its folder, SQLite
@@ -269,15 +271,17 @@ class Node:
     """``python -m node serve`` on a loopback port with its own state folder and TOML config."""
 
     def __init__(self, workdir: Path, *, quiet_period_s: float, release_settle_s: float,
-                 destination: str | None = None) -> None:
+                 destination: str | None = None, metrics_port: int = 0) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.state_dir = workdir / "state"
         self.config = workdir / "node.toml"
         self.log = workdir / "node.log"
+        self.metrics_port = metrics_port
         self.config.write_text(
             "[node]\nworkers = 1\n\n"
             f"[assemble]\nquiet_period_s = {quiet_period_s!r}\nrelease_settle_s = {release_settle_s!r}\n"
+            + (f"[metrics]\nport = {metrics_port}\nbind_address = \"{LOOPBACK}\"\n" if metrics_port else "")
         )
         self.destination = destination
         self.port = 0
@@ -384,10 +388,42 @@ def push(files: Sequence[Path], port: int, called_aet: str, *, timeout_s: float 
 
 
 # ------------------------------------------------------------------------------------ stages
-def bench_receive(files: list[Path], work: Path, repeats: int, say: Callable[[str], None]) -> dict[str, Any]:
+def _push_into_node(files: list[Path], workdir: Path, scraped: bool) -> tuple[float, float]:
+    """One push into a fresh node; with ``scraped`` the node serves [metrics] and a real Prometheus scrapes
+    it every second during the push. Returns (storescu wall s, node start idle wait s)."""
     n = len(files)
-    rates: dict[str, list[float]] = {"storescp": [], "node": []}
-    walls: dict[str, list[float]] = {"storescp": [], "node": []}
+    node = Node(workdir, quiet_period_s=600.0, release_settle_s=600.0, metrics_port=free_port() if scraped else 0)
+    with contextlib.ExitStack() as stack:
+        node.start()
+        stack.callback(node.stop)
+        scrapes = 0.0
+        if scraped:
+            from tests.harness.prometheus import Prometheus
+
+            prom = stack.enter_context(Prometheus([f"{LOOPBACK}:{node.metrics_port}"], scrape_interval=1.0))
+            prom.wait_for_targets(timeout=30)
+        wall = push(files, node.port, NODE_AET)
+        if scraped:
+            window = max(2, int(wall) + 2)
+            result = prom.query(f'count_over_time(up{{instance="{LOOPBACK}:{node.metrics_port}"}}[{window}s])')
+            scrapes = result[0][1] if result else 0.0
+            if scrapes < 1:
+                raise RuntimeError(f"Prometheus did not scrape the node during the push:\n{prom.describe_targets()}")
+        count = int(node.query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+        jobs = int(node.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"])
+    if count != n:
+        raise RuntimeError(f"the node's index holds {count} of {n} instances; log:\n{_tail(node.log)}")
+    if jobs:
+        raise RuntimeError("a job was created during the receive benchmark; the quiet period did not hold")
+    return wall, node.idle_wait_s
+
+
+def bench_receive(files: list[Path], work: Path, repeats: int, say: Callable[[str], None],
+                  scrape: bool = False) -> dict[str, Any]:
+    n = len(files)
+    targets = ["storescp", "node"] + (["node_scraped"] if scrape else [])
+    rates: dict[str, list[float]] = {t: [] for t in targets}
+    walls: dict[str, list[float]] = {t: [] for t in targets}
     idle_waits: list[float] = []
     for r in range(repeats):
         scp_dir = work / f"recv-storescp-{r}"
@@ -399,25 +435,13 @@ def bench_receive(files: list[Path], work: Path, repeats: int, say: Callable[[st
         rates["storescp"].append(n / wall)
         walls["storescp"].append(wall)
         say(f"  repeat {r + 1}/{repeats}: storescp {n / wall:7.1f} images/s ({wall:.2f} s)")
-
-        node = Node(work / f"recv-node-{r}", quiet_period_s=600.0, release_settle_s=600.0)
-        try:
-            node.start()
-            idle_waits.append(node.idle_wait_s)
-            wall = push(files, node.port, NODE_AET)
-            count = int(node.query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
-            jobs = int(node.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"])
-        finally:
-            node.stop()
-        if count != n:
-            raise RuntimeError(f"the node's index holds {count} of {n} instances (repeat {r + 1}); log:\n"
-                               f"{_tail(node.log)}")
-        if jobs:
-            raise RuntimeError("a job was created during the receive benchmark; the quiet period did not hold")
-        rates["node"].append(n / wall)
-        walls["node"].append(wall)
-        say(f"  repeat {r + 1}/{repeats}: node     {n / wall:7.1f} images/s ({wall:.2f} s), "
-            f"{count} instances indexed")
+        for target in targets[1:]:
+            wall, idle = _push_into_node(files, work / f"recv-{target}-{r}", scraped=target == "node_scraped")
+            idle_waits.append(idle)
+            rates[target].append(n / wall)
+            walls[target].append(wall)
+            say(f"  repeat {r + 1}/{repeats}: {target:12s} {n / wall:7.1f} images/s ({wall:.2f} s), "
+                f"{n} instances indexed")
     return {
         target: {
             "images_per_s": [round(v, 1) for v in rates[target]],
@@ -525,7 +549,10 @@ def render(result: dict[str, Any]) -> str:
                f"{reps} repeat(s) each (images/s = slices / storescu wall time)")
     header = ["target", "median img/s", "best img/s", "median wall s", "runs img/s"]
     rows = []
-    for key, label in (("storescp", "DCMTK storescp (no fsync)"), ("node", "node (fsync file+dir, WAL)")):
+    for key, label in (("storescp", "DCMTK storescp (no fsync)"), ("node", "node (fsync file+dir, WAL)"),
+                       ("node_scraped", "node, Prometheus scraping every 1 s")):
+        if key not in rcv:
+            continue
         r = rcv[key]
         rows.append([label, f"{r['median_images_per_s']:.1f}", f"{r['best_images_per_s']:.1f}",
                      f"{r['median_wall_s']:.2f}", " ".join(f"{v:.1f}" for v in r["images_per_s"])])
@@ -533,6 +560,9 @@ def render(result: dict[str, Any]) -> str:
     ratio = rcv["node"]["median_images_per_s"] / rcv["storescp"]["median_images_per_s"]
     out.append(f"node / storescp (median): {ratio:.2f}; every node push verified: "
                f"{s['slices']} rows in instances, no job created")
+    if "node_scraped" in rcv:
+        scraped = rcv["node_scraped"]["median_images_per_s"] / rcv["node"]["median_images_per_s"]
+        out.append(f"node scraped / node unscraped (median): {scraped:.3f} (goal: within 5 %)")
     out.append("")
     t = result["turnaround"]
     out.append(f"2. Turnaround: quiet_period_s = {t['quiet_period_s']:g}, release_settle_s = "
@@ -564,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=300, help="slices of the synthetic CT (default 300)")
     parser.add_argument("--repeats", type=int, default=3, help="pushes per receive target (default 3)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--scrape", action="store_true",
+                        help="also push into a node whose metrics a real Prometheus scrapes every second")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, state) for a look")
     args = parser.parse_args(argv)
     if args.slices < 5 or args.repeats < 1:
@@ -571,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     for tool in (STORESCP, STORESCU):
         if not tool.is_file():
             parser.error(f"{tool} is missing (apt-get install dcmtk)")
+    if args.scrape:
+        from tests.harness.prometheus import prometheus_missing_reason
+
+        if reason := prometheus_missing_reason():
+            parser.error(f"--scrape needs a Prometheus server: {reason}")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -589,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in files)
         say(f"generated {len(files)} slices ({size / 2**20:.1f} MiB) in {gen_s:.1f} s")
         say("receive throughput:")
-        receive = bench_receive(files, work, args.repeats, say)
+        receive = bench_receive(files, work, args.repeats, say, scrape=args.scrape)
         say("turnaround:")
         turnaround = bench_turnaround(files, work, say)
         dcmtk = subprocess.run([str(STORESCU), "--version"], capture_output=True, text=True, timeout=10)
