@@ -6,21 +6,18 @@ composition root (``node.service.daemon``) builds one ``NodeConfig`` and passes 
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from node.config_tls import TlsConfig, check_tls_files
 from node.errors import ConfigError
 from node.model.enums import DestinationType, EngineBackend, ObjectKind, RuleAction, SegType
 from node.model.routing import Conditions, Route, Rule
 from node.model.tables import Table
-
-E = TypeVar("E", bound=enum.Enum)
 
 #: Where the bundled model bundles live in a source checkout / editable install.
 DEFAULT_BUNDLES_DIR = Path(__file__).resolve().parents[1] / "engines"
@@ -293,15 +290,12 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
 
 def check_bundle_names(cfg: NodeConfig, installed: list[str]) -> None:
     """Every bundle a rule or a destination names must be installed (checked at start, with the bundles)."""
-    for i, dest in enumerate(cfg.destinations):
-        for name in dest.route.bundles:
+    named = [(f"destinations[{i}]", d.route.bundles) for i, d in enumerate(cfg.destinations)]
+    named += [(f"rules[{i}]", r.bundles) for i, r in enumerate(cfg.rules)]
+    for where, names in named:
+        for name in names:
             if name not in installed:
-                raise ConfigError(f"{cfg.source}: key 'destinations[{i}].bundles' names {name!r}, which is not an "
-                                  f"installed bundle (installed: {', '.join(installed)})")
-    for i, rule in enumerate(cfg.rules):
-        for name in rule.bundles:
-            if name not in installed:
-                raise ConfigError(f"{cfg.source}: key 'rules[{i}].bundles' names {name!r}, which is not an "
+                raise ConfigError(f"{cfg.source}: key '{where}.bundles' names {name!r}, which is not an "
                                   f"installed bundle (installed: {', '.join(installed)})")
 
 
@@ -314,32 +308,12 @@ def _destination(table: Table) -> Destination:
     port = _port(table.require("port", int), table.where("port"))
     objects = table.get("objects", list, None)
     route = Route(
-        objects=frozenset(ObjectKind) if objects is None else frozenset(_choices(table, "objects", ObjectKind)),
-        bundles=_strings(table, "bundles"),
+        objects=frozenset(ObjectKind) if objects is None else frozenset(table.choices("objects", ObjectKind)),
+        bundles=table.strings("bundles"),
         when=_conditions(table.table("when")),
     )
     return Destination(name=table.get("name", str, aet.lower()), ae_title=aet, host=host, port=port,
                        tls=table.get("tls", bool, False), type=kind, route=route)
-
-
-def _strings(table: Table, key: str) -> tuple[str, ...]:
-    values = table.get(key, list, [])
-    if not all(isinstance(v, str) and v for v in values):
-        raise table.fail(key, f"is {values!r}; expected a list of non-empty strings")
-    return tuple(values)
-
-
-def _choices(table: Table, key: str, enum_type: type[E]) -> list[E]:
-    out = []
-    for value in _strings(table, key):
-        try:
-            out.append(enum_type(value))
-        except ValueError:
-            allowed = ", ".join(repr(m.value) for m in enum_type)
-            raise table.fail(key, f"holds {value!r}; expected any of {allowed}") from None
-    if not out:
-        raise table.fail(key, "is empty; leave it out to take every kind")
-    return out
 
 
 def _pattern(table: Table, key: str) -> re.Pattern[str] | None:
@@ -353,17 +327,17 @@ def _pattern(table: Table, key: str) -> re.Pattern[str] | None:
 
 
 def _conditions(table: Table) -> Conditions:
-    titles = _strings(table, "calling_ae")
+    titles = table.strings("calling_ae")
     for title in titles:
         _ae_title(title, table.where("calling_ae"))
-    return Conditions(calling_ae=tuple(t.strip() for t in titles), modality=_strings(table, "modality"),
+    return Conditions(calling_ae=tuple(t.strip() for t in titles), modality=table.strings("modality"),
                       study_description=_pattern(table, "study_description"),
                       series_description=_pattern(table, "series_description"))
 
 
 def _rule(table: Table, index: int) -> Rule:
     action = table.choice("action", RuleAction)
-    bundles = _strings(table, "bundles")
+    bundles = table.strings("bundles")
     if bundles and action is RuleAction.IGNORE:
         raise table.fail("bundles", "is set, but an 'ignore' rule segments nothing; remove it")
     return Rule(name=table.get("name", str, f"rules[{index}]"), action=action, when=_conditions(table.table("when")),

@@ -67,9 +67,8 @@ def explain_series(cfg: NodeConfig, bundles: list[Bundle], series: SeriesRecord)
     for dest in cfg.destinations:
         parts = []
         for bundle in chosen:
-            taken = [str(k) for k in kinds if dest.route.mismatch(k, bundle.name, facts) is None]
-            refused = {why for k in kinds if (why := dest.route.mismatch(k, bundle.name, facts)) is not None}
-            shown = ", ".join(taken) if taken else "nothing"
+            taken, refused = dest.route.split(kinds, bundle.name, facts)
+            shown = ", ".join(str(k) for k in taken) if taken else "nothing"
             parts.append(f"{bundle.name} → {shown}" + (f" ({'; '.join(sorted(refused))})" if refused else ""))
         dest_lines.append(f"{dest.name} ({dest}; takes {dest.route.describe()}): " + ("; ".join(parts) or "nothing"))
     return Explanation(series.series_uid, facts, rule_lines, decision.reason or "segmented (no rules configured)",

@@ -130,6 +130,20 @@ class Route:
             return f"takes bundles {list(self.bundles)}, not {bundle_name}"
         return None
 
+    def split(self, kinds: list[ObjectKind], bundle_name: str,
+              facts: SourceFacts) -> tuple[list[ObjectKind], list[str]]:
+        """The kinds this destination takes (in the order given), and the distinct reasons it refuses the
+        others (in the order they arise)."""
+        taken: list[ObjectKind] = []
+        reasons: list[str] = []
+        for kind in kinds:
+            reason = self.mismatch(kind, bundle_name, facts)
+            if reason is None:
+                taken.append(kind)
+            elif reason not in reasons:
+                reasons.append(reason)
+        return taken, reasons
+
     def describe(self) -> str:
         if self.everything:
             return "every result"

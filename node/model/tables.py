@@ -24,6 +24,10 @@ E = TypeVar("E", bound=enum.Enum)
 _NO_DEFAULT: Any = object()
 
 
+def _allowed(enum_type: type[enum.Enum]) -> str:
+    return ", ".join(repr(m.value) for m in enum_type)
+
+
 def _kind_names(kinds: tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
@@ -102,8 +106,26 @@ class Table:
         try:
             return enum_type(value)
         except ValueError:
-            allowed = ", ".join(repr(m.value) for m in enum_type)
-            raise self.fail(key, f"is {value!r}; expected one of {allowed}") from None
+            raise self.fail(key, f"is {value!r}; expected one of {_allowed(enum_type)}") from None
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        """A list of non-empty strings (empty when the key is absent)."""
+        values = self.get(key, list, [])
+        if not all(isinstance(v, str) and v for v in values):
+            raise self.fail(key, f"is {values!r}; expected a list of non-empty strings")
+        return tuple(values)
+
+    def choices(self, key: str, enum_type: type[E]) -> list[E]:
+        """A non-empty list of members of ``enum_type``, by their values."""
+        out = []
+        for value in self.strings(key):
+            try:
+                out.append(enum_type(value))
+            except ValueError:
+                raise self.fail(key, f"holds {value!r}; expected any of {_allowed(enum_type)}") from None
+        if not out:
+            raise self.fail(key, "is empty; leave it out to take every kind")
+        return out
 
     def numbers(self, key: str, count: int, default: Any = None) -> Any:
         """A list of ``count`` numbers as a tuple of floats, or ``default`` when the key is absent."""

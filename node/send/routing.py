@@ -32,18 +32,13 @@ def route_results(destinations: tuple[Destination, ...], bundle_name: str, objec
     outbox: list[tuple[str, Path, str, str, str]] = []
     sent: list[str] = []
     refused: list[str] = []
+    kinds = [object_kind(obj) for obj in objects]
     for dest in destinations:
-        taken: list[str] = []
-        why_not: list[str] = []
-        for obj in objects:
-            reason = dest.route.mismatch(object_kind(obj), bundle_name, facts)
-            if reason is None:
-                outbox.append((dest.name, obj.path, obj.sop_instance_uid, obj.sop_class_uid, dest.route.describe()))
-                taken.append(str(object_kind(obj)))
-            elif reason not in why_not:
-                why_not.append(reason)
+        taken, why_not = dest.route.split(kinds, bundle_name, facts)
+        outbox += [(dest.name, obj.path, obj.sop_instance_uid, obj.sop_class_uid, dest.route.describe())
+                   for obj, kind in zip(objects, kinds, strict=True) if kind in taken]
         if taken:
-            sent.append(f"{dest.name} ({', '.join(taken)})")
+            sent.append(f"{dest.name} ({', '.join(str(k) for k in taken)})")
         else:
             refused.append(f"{dest.name}: {'; '.join(why_not) or 'no objects'}")
     if not destinations:
