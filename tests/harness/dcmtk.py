@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import tempfile
@@ -50,6 +49,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from tests.harness.processes import stop_process_group
 
 LOOPBACK = "127.0.0.1"
 
@@ -241,19 +242,7 @@ class StoreSCP:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)  # also reaches --fork children
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=self._stop_timeout)
-            except subprocess.TimeoutExpired:
-                continue
-        if proc.poll() is None:
-            proc.wait(timeout=self._stop_timeout)
+        stop_process_group(proc, self._stop_timeout)  # the group: also reaches --fork children
 
     def stop(self) -> None:
         """Stop storescp and delete its log. Safe to call more than once."""

@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -44,6 +43,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+from tests.harness.processes import stop_process_group
 
 __all__ = [
     "OrthancError",
@@ -313,17 +314,7 @@ class OrthancServer:
     def _kill(self) -> None:
         proc = self._proc
         if proc is not None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                if proc.poll() is not None:
-                    break
-                try:
-                    os.killpg(proc.pid, sig)  # own session: only Orthanc
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_process_group(proc, 10.0)  # own session: only Orthanc
         self._proc = None
         if self._log_file is not None:
             self._log_file.close()

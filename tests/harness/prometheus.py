@@ -39,7 +39,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -54,6 +53,8 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+
+from tests.harness.processes import stop_process_group
 
 __all__ = [
     "PROMETHEUS_MISSING_REASON",
@@ -332,15 +333,7 @@ class Prometheus:
     def _kill(self, timeout: float = 10.0) -> None:
         proc = self._proc
         if proc is not None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                if proc.poll() is not None:
-                    break
-                try:
-                    os.killpg(proc.pid, sig)  # own session: only Prometheus
-                except ProcessLookupError:
-                    break
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=timeout)
+            stop_process_group(proc, timeout)  # own session: only Prometheus
         self._proc = None
         if self._log_file is not None:
             self._log_file.close()
