@@ -55,12 +55,15 @@ class Sender:
             destination = self.destinations.get(name)
             if destination is None:
                 for item in items:
-                    self.index.mark_attempt_failed(item.id, f"destination {name!r} is no longer configured",
-                                                   retry_at=None)
-                    telemetry.result_failed(name, dead=True)
+                    self._failed(item, name, f"destination {name!r} is no longer configured", retry_at=None)
                 continue
             sent += self._send(destination, items)
         return sent
+
+    def _failed(self, item: OutboxItem, destination: str, status: str, *, retry_at: float | None) -> None:
+        """Record a failed attempt (``retry_at=None``: a dead letter) in the index and the metrics."""
+        self.index.mark_attempt_failed(item.id, status, retry_at=retry_at)
+        telemetry.result_failed(destination, dead=retry_at is None)
 
     def _retry_at(self, item: OutboxItem) -> float | None:
         attempts = item.attempts + 1
@@ -71,8 +74,7 @@ class Sender:
     def _send(self, destination: Destination, items: list[OutboxItem]) -> int:
         missing = [i for i in items if not i.path.is_file()]
         for item in missing:
-            self.index.mark_attempt_failed(item.id, f"result file {item.path} is missing", retry_at=None)
-            telemetry.result_failed(destination.name, dead=True)
+            self._failed(item, destination.name, f"result file {item.path} is missing", retry_at=None)
         items = [i for i in items if i.path.is_file()]
         if not items:
             return 0
@@ -82,8 +84,7 @@ class Sender:
         except (SendError, OSError) as exc:
             for item in items:
                 retry_at = self._retry_at(item)
-                self.index.mark_attempt_failed(item.id, str(exc), retry_at=retry_at)
-                telemetry.result_failed(destination.name, dead=retry_at is None)
+                self._failed(item, destination.name, str(exc), retry_at=retry_at)
             delay = "giving up" if retry_at is None else f"next try in {retry_at - time.time():.0f} s"
             log.warning("sending %d object(s) to %s failed (attempt %d): %s; %s",
                         len(items), destination, items[0].attempts + 1, exc, delay)
@@ -97,8 +98,7 @@ class Sender:
                 log.info("sent %s to %s: %s", item.sop_instance_uid, destination, result.description)
             else:
                 retry_at = self._retry_at(item) if result.outcome is Outcome.RETRYABLE else None
-                self.index.mark_attempt_failed(item.id, result.description, retry_at=retry_at)
-                telemetry.result_failed(destination.name, dead=retry_at is None)
+                self._failed(item, destination.name, result.description, retry_at=retry_at)
                 log.warning("%s refused %s: %s (%s)", destination, item.sop_instance_uid, result.description,
                             "giving up" if retry_at is None else "will retry")
         return sent
