@@ -43,10 +43,11 @@ class TensorRTBackend:
     def status(self) -> BackendStatus:
         from node.infer.gpu.backend import pycuda_status, tensorrt_status
 
-        for found in (tensorrt_status(), pycuda_status()):
+        trt = tensorrt_status()
+        for found in (trt, pycuda_status()):
             if not found.available:
                 return BackendStatus("tensorrt", False, found.detail)
-        return tensorrt_status()
+        return trt
 
     def open(self, settings: BackendSettings) -> _TensorRTSession:
         from node.infer.gpu.backend import GpuSession
