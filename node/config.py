@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config_tls import TlsConfig, check_tls_files
+from node.config_web import WebConfig, parse_web
 from node.errors import ConfigError
 from node.model.enums import DestinationType, EngineBackend, ObjectKind, RuleAction, SegType
 from node.model.routing import Conditions, Route, Rule
@@ -37,6 +38,7 @@ class Destination:
     tls: bool = False  # associate over TLS, presenting the node's certificate (see :class:`TlsConfig`)
     type: DestinationType = DestinationType.DICOM
     route: Route = Route()  # which results it takes (default: every result)
+    review: bool = False  # hold its copies until a reviewer approves the job (the review gate)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", DestinationType(self.type))  # a string becomes the enum here
@@ -115,6 +117,10 @@ class NodeConfig:
     state_dir: Path = Path("state")
     allowed_calling_aes: tuple[AllowedPeer, ...] = ()
     max_associations_per_peer: int = 8
+    #: Connections from one address that have not completed an association request (the oldest closed beyond).
+    max_pending_connections_per_address: int = 8
+    #: Seconds from connecting by which the whole A-ASSOCIATE-RQ must have arrived.
+    association_request_timeout_s: float = 10.0
     max_pdu_size: int = 0
     min_free_disk_mb: int = 1024
     workers: int = 1
@@ -141,6 +147,8 @@ class NodeConfig:
     tls: TlsConfig = TlsConfig()
     rules: tuple[Rule, ...] = ()  # [[rules]]: which series are segmented, first match wins
     metrics: MetricsConfig = MetricsConfig()
+    web: WebConfig = WebConfig()
+    review_bundles: tuple[str, ...] = ()  # [bundles.NAME] review = true: every copy of their results is held
     source: str = "(embedded defaults)"
 
     def __post_init__(self) -> None:
@@ -160,6 +168,19 @@ class NodeConfig:
     @property
     def index_path(self) -> Path:
         return self.state_dir / "index.sqlite3"
+
+    @property
+    def web_users_file(self) -> Path:
+        return self.web.users_file if self.web.users_file is not None else self.state_dir / "web-users"
+
+    @property
+    def web_served(self) -> bool:
+        """The web UI is served: the HTTP port is on and ``[web] enabled``."""
+        return self.metrics.port != 0 and self.web.enabled
+
+    def held_for_review(self, destination: Destination, bundle_name: str) -> bool:
+        """Whether ``destination``'s copies of ``bundle_name``'s results wait for a reviewer."""
+        return destination.review or bundle_name in self.review_bundles
 
     def job_result_dir(self, job_id: int) -> Path:
         """Where job ``job_id`` writes its result objects (the worker) and what retention deletes."""
@@ -215,6 +236,9 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     retention = top.table("retention")
     tls = top.table("tls")
     metrics = top.table("metrics")
+    per_bundle = top.table("bundles")
+    review_bundles = tuple(name for name in sorted(per_bundle.data)
+                           if per_bundle.table(name).get("review", bool, False))
 
     def path_value(table: Table, key: str, default: Any) -> Any:
         value = table.get(key, str, None)
@@ -238,6 +262,12 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         allowed_calling_aes=allowed_titles,
         max_associations_per_peer=node.positive(
             "max_associations_per_peer", defaults.max_associations_per_peer, integer=True
+        ),
+        max_pending_connections_per_address=node.positive(
+            "max_pending_connections_per_address", defaults.max_pending_connections_per_address, integer=True
+        ),
+        association_request_timeout_s=node.positive(
+            "association_request_timeout_s", defaults.association_request_timeout_s
         ),
         max_pdu_size=node.positive("max_pdu_size", defaults.max_pdu_size, integer=True, allow_zero=True),
         min_free_disk_mb=node.positive("min_free_disk_mb", defaults.min_free_disk_mb, integer=True, allow_zero=True),
@@ -275,6 +305,8 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
             ca_certificates=path_value(tls, "ca_certificates", None),
             require_client_certificate=tls.get("require_client_certificate", bool, True),
         ),
+        web=parse_web(top.table("web"), base_dir),
+        review_bundles=review_bundles,
         source=source,
     )
     top.finish()
@@ -290,12 +322,13 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
 
 def check_bundle_names(cfg: NodeConfig, installed: list[str]) -> None:
     """Every bundle a rule or a destination names must be installed (checked at start, with the bundles)."""
-    named = [(f"destinations[{i}]", d.route.bundles) for i, d in enumerate(cfg.destinations)]
-    named += [(f"rules[{i}]", r.bundles) for i, r in enumerate(cfg.rules)]
+    named = [(f"destinations[{i}].bundles", d.route.bundles) for i, d in enumerate(cfg.destinations)]
+    named += [(f"rules[{i}].bundles", r.bundles) for i, r in enumerate(cfg.rules)]
+    named += [(f"bundles.{name}.review", (name,)) for name in cfg.review_bundles]
     for where, names in named:
         for name in names:
             if name not in installed:
-                raise ConfigError(f"{cfg.source}: key '{where}.bundles' names {name!r}, which is not an "
+                raise ConfigError(f"{cfg.source}: key '{where}' names {name!r}, which is not an "
                                   f"installed bundle (installed: {', '.join(installed)})")
 
 
@@ -313,7 +346,8 @@ def _destination(table: Table) -> Destination:
         when=_conditions(table.table("when")),
     )
     return Destination(name=table.get("name", str, aet.lower()), ae_title=aet, host=host, port=port,
-                       tls=table.get("tls", bool, False), type=kind, route=route)
+                       tls=table.get("tls", bool, False), type=kind, route=route,
+                       review=table.get("review", bool, False))
 
 
 def _pattern(table: Table, key: str) -> re.Pattern[str] | None:

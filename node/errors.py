@@ -51,3 +51,11 @@ class ListenError(Retryable):
 class Declined(Permanent):
     """A bundle does not apply to this series (coverage, slice thickness, orientation, anatomy):
     the job ends declined with the reason, which is not a failure of the node."""
+
+
+class NotFound(Permanent):
+    """An operator named something the index does not hold (a job, a series)."""
+
+
+class Conflict(Permanent):
+    """An operator's request contradicts the state of what it names (approving a job already decided)."""

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from node.assemble.select import SeriesFacts, why_not
 from node.assemble.volume import build_volume, read_series
 from node.errors import Declined, VolumeError
@@ -18,10 +20,11 @@ from node.infer.engine import Engine
 from node.infer.segment import segment_volume
 from node.model.bundle import Bundle
 from node.model.enums import SegType
+from node.model.records import StructureVolume
 from node.model.volume import Volume
 from node.write.files import WrittenObject, write_preview, write_results
 from node.write.provenance import Provenance
-from node.write.result import Result, present_labels
+from node.write.result import Result, label_mask, present_labels
 from node.write.uids import ResultUids, job_key
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class JobOutcome:
     objects: list[WrittenObject]
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""  # something the user should know about the result
+    volumes: list[StructureVolume] = field(default_factory=list)  # each structure found, with its volume
 
 
 class _Stopwatch:
@@ -87,6 +91,14 @@ def check_volume_series(volume: Volume, bundle: Bundle) -> None:
         raise VolumeError("the series has an empty StudyInstanceUID; results could not be filed in its study")
 
 
+def structure_volumes(result: Result) -> list[StructureVolume]:
+    """Each structure found and its volume in mL (voxels × the voxel's volume on the image grid)."""
+    dz, dy, dx = result.volume.geometry.spacing
+    voxel_ml = abs(dz * dy * dx) / 1000.0
+    return [StructureVolume(label.name, round(float(np.count_nonzero(label_mask(result.labels, label))) * voxel_ml, 1))
+            for label in result.found]
+
+
 def run_job(
     paths: Sequence[Path],
     bundle: Bundle,
@@ -122,6 +134,7 @@ def run_job(
     result = Result(volume, labels, bundle, found, uids, provenance)
     objects = write_results(result, out_dir, write_seg=write_seg, write_rtstruct=write_rtstruct, seg_type=seg_type)
     watch.lap("write")
+    volumes = structure_volumes(result)
     if preview_png or preview_sc:
         objects += write_preview(result, out_dir, png=preview_png, secondary_capture=preview_sc)
         watch.lap("preview")
@@ -132,4 +145,5 @@ def run_job(
         objects=objects,
         timings=watch.timings,
         note=note,
+        volumes=volumes,
     )

@@ -30,7 +30,7 @@ from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
 from node.model.records import JobState
 from node.model.routing import SourceFacts
-from node.send.routing import route_results
+from node.send.routing import held_destinations, route_results
 from node.spool.index import Index
 from node.write.provenance import Provenance
 
@@ -125,7 +125,9 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
                 provenance=Provenance.now(cfg.ae_title),
                 write_seg=cfg.write_seg,
                 write_rtstruct=cfg.write_rtstruct,
-                preview_png=cfg.preview_png,
+                # the web page shows the preview: drawn whenever the page is served or a reviewer will look
+                preview_png=cfg.preview_png or cfg.web_served or any(
+                    cfg.held_for_review(d, bundle.name) for d in cfg.destinations),
                 preview_sc=cfg.preview_sc,
                 seg_type=cfg.seg_type,
             )
@@ -145,15 +147,21 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
         series = index.series(job.series_uid)
         facts = SourceFacts.of(series) if series is not None else SourceFacts("", "", "", "")
         routed = route_results(cfg.destinations, bundle.name, outcome.objects, facts)
-        index.finish_job(
+        held = held_destinations(cfg, bundle.name, routed.outbox)
+        ended = index.finish_job(
             job.id,
             result_dir=str(outcome.objects[0].path.parent) if outcome.objects else "",
             timings=json.dumps(timings),
             outbox=routed.outbox,
             note=routed.note,
+            held=held,
+            structures=outcome.volumes,
         )
         telemetry.job_timings(bundle.id, timings)
         log.info("job %d: %s", job.id, routed.note)
+        if ended is JobState.AWAITING_REVIEW:
+            log.info("job %d awaits review: the copies for %s are held until a reviewer approves them",
+                     job.id, ", ".join(sorted(held)))
         log.info(
             "job %d done: %s → %s in %.1f s %s",
             job.id,

@@ -19,12 +19,25 @@ class JobState(enum.StrEnum):
     DONE = "done"  # results written and queued in the outbox
     FAILED = "failed"  # ended with a recorded reason
     DECLINED = "declined"  # the bundle does not apply to this series (coverage, anatomy); reason recorded
+    AWAITING_REVIEW = "awaiting_review"  # results written; some copies are held until a reviewer approves them
+    REJECTED = "rejected"  # a reviewer rejected the results (reason recorded); the held copies were discarded
+
+
+#: Jobs still to be finished by a worker or a reviewer: retention keeps their series, replay waits for them.
+UNFINISHED_JOBS = (JobState.QUEUED, JobState.RUNNING, JobState.AWAITING_REVIEW)
 
 
 class OutboxState(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"  # gave up after max attempts or a permanent refusal
+    HELD = "awaiting_review"  # not sent until a reviewer approves the job (review gate)
+    DISCARDED = "rejected"  # a reviewer rejected the job: never sent
+
+
+class ReviewDecision(enum.StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,27 @@ class JobRecord:
     priority: int = 0  # from the rule that matched the series; higher is taken from the queue first
     calling_ae: str = ""  # the series' sender: the queue is shared round-robin across senders
     note: str = ""  # where the results went and why (routing), or why nowhere
+    structures: tuple[StructureVolume, ...] = ()  # what the job found, with volumes (empty until done)
+
+
+@dataclass(frozen=True)
+class StructureVolume:
+    """One structure a job found, and its volume on the image grid."""
+
+    name: str
+    volume_ml: float
+
+
+@dataclass(frozen=True)
+class ReviewRecord:
+    """A reviewer's decision on a job held for review: who, when, and their note (the reason of a rejection)."""
+
+    job_id: int
+    decision: ReviewDecision
+    reviewer: str
+    decided_at: float
+    note: str
+    released: int  # outbox rows queued (approved) or discarded (rejected) by the decision
 
 
 @dataclass(frozen=True)

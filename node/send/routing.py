@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.config import Destination
+from node.config import Destination, NodeConfig
 from node.model.enums import ObjectKind
 from node.model.routing import SourceFacts
 from node.write.files import WrittenObject
@@ -21,6 +21,13 @@ class RoutedResults:
     #: (destination name, file, SOP Instance UID, SOP Class UID, the route that took it) per outbox row
     outbox: list[tuple[str, Path, str, str, str]]
     note: str
+
+
+def held_destinations(cfg: NodeConfig, bundle_name: str, outbox: list[tuple[str, Path, str, str, str]]) -> set[str]:
+    """The destinations among ``outbox``'s whose copies wait for a reviewer: the destination has ``review = true``,
+    or the bundle has (``[bundles.NAME] review = true``)."""
+    by_name = {d.name: d for d in cfg.destinations}
+    return {name for name, *_ in outbox if name in by_name and cfg.held_for_review(by_name[name], bundle_name)}
 
 
 def object_kind(obj: WrittenObject) -> ObjectKind:

@@ -1,4 +1,4 @@
-"""Commands that change the index's state on an operator's request: ``retry`` and ``replay``.
+"""Commands that change the index's state on an operator's request: ``retry``, ``replay`` and ``review``.
 
 They raise the node's errors (:class:`node.errors.Permanent`) with a sentence that names the bad value
 and print nothing, so that the command line, a web page or an API can call them alike. The running
@@ -17,11 +17,33 @@ from pydicom.errors import InvalidDicomError
 
 from node.config import NodeConfig
 from node.errors import Permanent
-from node.model.records import JobRecord, JobState, SeriesState
+from node.model.records import UNFINISHED_JOBS, JobRecord, JobState, ReviewDecision, ReviewRecord, SeriesState
 from node.spool.index import Index
 
 #: The last status of a row that ``replay`` queued, until the service's next attempt.
 REPLAY_NOTE = "queued again by replay"
+
+
+#: The longest note a reviewer may record (a reason, not an essay; the audit record stays small).
+MAX_REVIEW_NOTE = 2000
+
+
+def decide_review(index: Index, job_id: int, decision: ReviewDecision, *, reviewer: str, note: str = "",
+                  now: float | None = None) -> ReviewRecord:
+    """Approve (its held copies are queued for sending) or reject (they are discarded) a job awaiting review.
+
+    A rejection needs a reason. Raises :class:`Permanent` for a missing reason or an overlong note,
+    :class:`node.errors.NotFound` for an unknown job, :class:`node.errors.Conflict` for a job not awaiting
+    review (already approved or rejected: a decision is final, and nothing is sent twice).
+    """
+    note = " ".join(note.split())
+    if decision is ReviewDecision.REJECTED and not note:
+        raise Permanent(f"rejecting job {job_id} needs a reason (what is wrong with the contours)")
+    if len(note) > MAX_REVIEW_NOTE:
+        raise Permanent(f"the note on job {job_id} is {len(note)} characters; at most {MAX_REVIEW_NOTE} are kept")
+    if not reviewer.strip():
+        raise Permanent(f"a decision on job {job_id} needs the reviewer's name")
+    return index.decide_review(job_id, decision, reviewer=reviewer.strip(), note=note, now=now)
 
 
 def retry_dead_letters(index: Index, now: float | None = None) -> int:
@@ -81,10 +103,11 @@ def plan_replay(index: Index, cfg: NodeConfig, series_uid: str,
         raise Permanent(f"series {uid} is not in the index at {cfg.index_path}: it was never received here, or "
                         "retention deleted it (see retention.keep_days and retention.max_spool_gb)")
     jobs = index.series_jobs(uid)
-    busy = [j for j in jobs if j.state in (JobState.QUEUED, JobState.RUNNING)]
+    busy = [j for j in jobs if j.state in UNFINISHED_JOBS]
     if series.state is SeriesState.RECEIVING or busy:
         raise Permanent(f"series {uid} is not finished (series {series.state.value}, "
-                        f"{len(busy)} job(s) queued or running); replay it once its jobs have ended")
+                        f"{len(busy)} job(s) queued, running or awaiting review); replay it once its jobs "
+                        "have ended")
     # The newest finished job of each bundle: a series that was reopened and segmented again has
     # older results that the newer ones replace.
     done = list({j.bundle: j for j in jobs if j.state is JobState.DONE}.values())

@@ -6,8 +6,9 @@ suits the receiver's association threads. Worker processes open their own ``Inde
 ``Index`` is composed of one part per table, each a subclass of :class:`~node.spool.index_db.IndexDb`
 (the connection, its lock and transactions, and the schema): instances (``index_instances``), series
 (``index_series``), jobs (``index_jobs``), the outbox (``index_outbox``) and what retention asks
-(``index_retention``: series usage, deletion, pending file deletions), and what the service's metrics and
-readiness checks ask (``index_counts``: rows per state, destination reach, a write probe).
+(``index_retention``: series usage, deletion, pending file deletions), the review gate
+(``index_reviews``), and what the service's metrics and readiness checks ask (``index_counts``: rows per
+state, destination reach, a write probe).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from node.spool.index_instances import InstanceRows
 from node.spool.index_jobs import JobRows
 from node.spool.index_outbox import OutboxRows
 from node.spool.index_retention import DeletedSeries, RetentionRows, SeriesUsage
+from node.spool.index_reviews import ReviewRows
 from node.spool.index_series import SeriesRows
 
 __all__ = ["SCHEMA", "DeletedSeries", "DestinationReach", "Index", "IndexDb", "SeriesUsage"]
 
 
-class Index(InstanceRows, SeriesRows, JobRows, OutboxRows, RetentionRows, CountRows):
+class Index(InstanceRows, SeriesRows, JobRows, OutboxRows, RetentionRows, CountRows, ReviewRows):
     """Instances, series, jobs and the outbox, in one SQLite file."""

@@ -80,6 +80,15 @@ CREATE TABLE IF NOT EXISTS pending_deletions (
     is_dir INTEGER NOT NULL,
     queued_at REAL NOT NULL
 );
+-- The review gate's audit: one decision per job held for review (node.spool.index_reviews).
+CREATE TABLE IF NOT EXISTS reviews (
+    job_id INTEGER PRIMARY KEY,
+    decision TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    decided_at REAL NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    released INTEGER NOT NULL DEFAULT 0
+);
 """
 
 #: Columns added after the first release: an index written by an older node gains them at start
@@ -94,6 +103,7 @@ ADDED_COLUMNS = (
     ("jobs", "note", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "route", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "last_attempt_at", "REAL"),
+    ("jobs", "structures", "TEXT NOT NULL DEFAULT ''"),  # JSON: [[name, volume in mL], ...]
 )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from node.model.records import JobRecord, JobState, OutboxState, SeriesState
+from node.model.records import JobRecord, JobState, OutboxState, SeriesState, StructureVolume
 from node.spool.index_db import IndexDb
 
 
@@ -67,29 +69,39 @@ class JobRows(IndexDb):
         outbox: list[tuple[str, Path, str, str]] | list[tuple[str, Path, str, str, str]],
         note: str = "",
         now: float | None = None,
-    ) -> None:
+        held: Collection[str] = (),
+        structures: Sequence[StructureVolume] = (),
+    ) -> JobState:
         """Mark a job done and queue its results for each destination, in one transaction.
 
         ``outbox`` holds (destination name, file path, SOP Instance UID, SOP Class UID[, route: why the
-        destination takes the object]); ``note`` says where the results went, or why nowhere.
+        destination takes the object]); ``note`` says where the results went, or why nowhere. The rows of
+        the destinations in ``held`` wait for a reviewer (:class:`OutboxState.HELD`), and the job then
+        ends ``awaiting_review`` instead of ``done``; the state it ended in is returned.
         """
         now = time.time() if now is None else now
+        holding = any(entry[0] in held for entry in outbox)
+        state = JobState.AWAITING_REVIEW if holding else JobState.DONE
+        found = json.dumps([[s.name, s.volume_ml] for s in structures])
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state=?, result_dir=?, timings=?, error='', note=?, updated=? WHERE id=?",
-                (JobState.DONE.value, result_dir, timings, note, now, job_id),
+                "UPDATE jobs SET state=?, result_dir=?, timings=?, error='', note=?, updated=?, structures=? "
+                "WHERE id=?",
+                (state.value, result_dir, timings, note, now, found, job_id),
             )
             for entry in outbox:
                 destination, path, sop_uid, sop_class = entry[:4]
                 route = entry[4] if len(entry) > 4 else ""
+                row_state = OutboxState.HELD if destination in held else OutboxState.PENDING
                 db.execute(
                     """INSERT INTO outbox (job_id, destination, path, sop_instance_uid, sop_class_uid,
                            state, next_attempt_at, route) VALUES (?,?,?,?,?,?,?,?)
                        ON CONFLICT(destination, sop_instance_uid) DO UPDATE SET
                            job_id=excluded.job_id, path=excluded.path, state=excluded.state,
                            attempts=0, next_attempt_at=excluded.next_attempt_at, route=excluded.route""",
-                    (job_id, destination, str(path), sop_uid, sop_class, OutboxState.PENDING.value, now, route),
+                    (job_id, destination, str(path), sop_uid, sop_class, row_state.value, now, route),
                 )
+        return state
 
     def fail_job(self, job_id: int, error: str, now: float | None = None,
                  state: JobState = JobState.FAILED) -> None:
@@ -157,4 +169,5 @@ def _job(r: sqlite3.Row) -> JobRecord:
         priority=r["priority"],
         calling_ae=r["calling_ae"],
         note=r["note"],
+        structures=tuple(StructureVolume(str(n), float(v)) for n, v in json.loads(r["structures"] or "[]")),
     )

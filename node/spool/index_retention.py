@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.model.records import JobState, OutboxState, SeriesState
+from node.model.records import UNFINISHED_JOBS, OutboxState, SeriesState
 from node.spool.index_db import IndexDb
 
 #: One row per series: how much it holds and whether anything about it is unfinished (retention).
 _SERIES_USAGE = """
 WITH j AS (
-    SELECT series_uid, MAX(updated) AS updated, SUM(state IN (?, ?)) AS active
+    SELECT series_uid, MAX(updated) AS updated, SUM(state IN (?, ?, ?)) AS active
     FROM jobs GROUP BY series_uid
 ), o AS (
     SELECT jobs.series_uid AS series_uid, MAX(outbox.sent_at) AS sent_at,
@@ -31,7 +31,7 @@ SELECT s.series_uid, s.state, s.instance_count,
 FROM series s LEFT JOIN j ON j.series_uid = s.series_uid LEFT JOIN o ON o.series_uid = s.series_uid
      LEFT JOIN i ON i.series_uid = s.series_uid
 """
-_USAGE_ARGS = (JobState.QUEUED.value, JobState.RUNNING.value, OutboxState.PENDING.value, OutboxState.DEAD.value)
+_USAGE_ARGS = (*(s.value for s in UNFINISHED_JOBS), OutboxState.PENDING.value, OutboxState.DEAD.value)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class SeriesUsage:
     state: SeriesState
     instance_count: int
     last_activity: float  # latest of: last instance received, a job's last update, a result's delivery
-    active_jobs: int  # queued or running
+    active_jobs: int  # queued, running or awaiting review
     pending: int  # outbox items still to send
     dead: int  # dead letters (kept for ``retry``)
     spool_bytes: int

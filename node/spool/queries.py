@@ -7,11 +7,12 @@ index; the commands that change its state are in :mod:`node.spool.commands`.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 from node.config import NodeConfig
-from node.model.records import JobRecord, OutboxItem, OutboxState, SeriesRecord
+from node.model.records import JobRecord, JobState, OutboxItem, OutboxState, ReviewRecord, SeriesRecord
 from node.spool.index import Index
 from node.spool.retention import RetentionFigures, figures
 
@@ -35,11 +36,23 @@ class JobStatus:
 
     job: JobRecord
     timings: str
+    review: ReviewRecord | None = None  # the reviewer's decision, for a job that was held for review
 
     @property
     def detail(self) -> str:
-        """What went wrong, or else how long the steps took: the ``error / timings`` column."""
+        """What went wrong, or else how long the steps took: the ``error / timings`` column (with the
+        review's decision, or that one is awaited)."""
+        if self.job.state is JobState.AWAITING_REVIEW:
+            return "awaiting review (dicom-seg-node review approve|reject JOB); " + self.timings
+        if self.review is not None and self.review.decision.value == "approved":
+            return f"{review_phrase(self.review)}; {self.timings}"
         return self.job.error or self.timings
+
+
+def review_phrase(review: ReviewRecord) -> str:
+    """"approved by NAME at TIME: NOTE" (the note only when there is one)."""
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(review.decided_at))
+    return f"{review.decision.value} by {review.reviewer} at {at}" + (f": {review.note}" if review.note else "")
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,11 @@ class StatusReport:
         """The report as ``status --json`` prints it: JSON-ready (enums as values, paths as text)."""
         return {
             "series": [s.__dict__ | {"state": s.state.value} for s in self.series],
-            "jobs": [j.job.__dict__ | {"state": j.job.state.value} for j in self.jobs],
+            "jobs": [j.job.__dict__ | {"state": j.job.state.value,
+                                       "structures": [s.__dict__ for s in j.job.structures],
+                                       "review": None if j.review is None else
+                                       j.review.__dict__ | {"decision": j.review.decision.value}}
+                     for j in self.jobs],
             "outbox": [o.__dict__ | {"state": o.state.value, "path": str(o.path)} for o in self.outbox],
             "retention": self.retention.as_dict(),
         }
@@ -88,7 +105,9 @@ def status_report(cfg: NodeConfig, index: Index, limit: int = DEFAULT_LIMIT, now
     """Series, the newest ``limit`` jobs and outbox items, and the retention figures, as of ``now``."""
     now = time.time() if now is None else now
     kept = figures(cfg, index, now=now)
-    jobs = [JobStatus(job=j, timings=index.job_timings(j.id)) for j in index.jobs(limit)]
+    recent = index.jobs(limit)
+    reviews = {r.job_id: r for r in index.reviews([j.id for j in recent])}
+    jobs = [JobStatus(job=j, timings=index.job_timings(j.id), review=reviews.get(j.id)) for j in recent]
     return StatusReport(
         instance_count=index.instance_count(),
         series=index.all_series(),
@@ -97,3 +116,53 @@ def status_report(cfg: NodeConfig, index: Index, limit: int = DEFAULT_LIMIT, now
         retention=kept,
         limit=limit,
     )
+
+
+@dataclass(frozen=True)
+class ReviewQueue:
+    """Jobs awaiting review (oldest first) and the age of the oldest, for /readyz, the metrics and the pages."""
+
+    jobs: list[JobRecord]
+    oldest_age_s: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"awaiting": len(self.jobs), "oldest_age_s": self.oldest_age_s,
+                "jobs": [{"job": j.id, "bundle": j.bundle, "series": j.series_uid} for j in self.jobs]}
+
+
+def review_queue(index: Index, now: float | None = None) -> ReviewQueue:
+    now = time.time() if now is None else now
+    jobs = index.awaiting_review()
+    oldest = round(now - min(j.updated for j in jobs), 1) if jobs else None
+    return ReviewQueue(jobs=jobs, oldest_age_s=oldest)
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    """One job of a series as its page shows it: the job, its timings (parsed), where each result went, the review."""
+
+    job: JobRecord
+    timings: dict[str, float]
+    outbox: list[OutboxItem]
+    review: ReviewRecord | None
+
+
+@dataclass(frozen=True)
+class SeriesDetail:
+    series: SeriesRecord
+    jobs: list[JobDetail]
+
+
+def series_detail(index: Index, series_uid: str) -> SeriesDetail | None:
+    """A series with each of its jobs (oldest first); None when the index does not hold it."""
+    series = index.series(series_uid)
+    if series is None:
+        return None
+    jobs = index.series_jobs(series_uid)
+    reviews = {r.job_id: r for r in index.reviews([j.id for j in jobs])}
+    details = []
+    for job in jobs:
+        text = index.job_timings(job.id)
+        timings = {str(k): float(v) for k, v in json.loads(text).items()} if text else {}
+        details.append(JobDetail(job, timings, index.job_outbox(job.id), reviews.get(job.id)))
+    return SeriesDetail(series, details)

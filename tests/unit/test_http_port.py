@@ -22,6 +22,7 @@ from node import telemetry
 from node.config import Destination, MetricsConfig, NodeConfig
 from node.errors import ConfigError
 from node.jobs.worker import EngineReport
+from node.model.records import OutboxState
 from node.service.http import HttpServer
 from node.service.readiness import check_destinations
 from node.spool.index import Index
@@ -188,7 +189,7 @@ def test_metrics_from_the_index_and_the_stages(tmp_path: Path) -> None:
     ((_, age),) = got["dicomseg_job_queue_oldest_age_seconds"]
     assert 29 <= age < 120
     outbox = {(labels["destination"], labels["state"]): v for labels, v in got["dicomseg_outbox_items"]}
-    assert outbox == {("pacs", "pending"): 0, ("pacs", "sent"): 0, ("pacs", "dead"): 0}
+    assert outbox == {("pacs", s.value): 0 for s in OutboxState}
     assert {labels["state"] for labels, _ in got["dicomseg_series"]} == {"receiving", "dispatched", "ignored"}
     assert got["dicomseg_spool_bytes"] == [({}, 0.0)] and got["dicomseg_index_up"] == [({}, 1.0)]
     assert got["dicomseg_state_dir_free_bytes"][0][1] > 0

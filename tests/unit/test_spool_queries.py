@@ -102,7 +102,7 @@ def test_status_report_holds_series_jobs_outbox_and_retention(tmp_path: Path) ->
     assert by_id[failed].job.state is JobState.FAILED and by_id[failed].detail == "engine broke"
     assert [o.state for o in report.outbox] == [OutboxState.DEAD] * 2 + [OutboxState.SENT] * 2
     assert [o.sop_instance_uid for o in report.dead_letters] == [f"9.{dead}.2", f"9.{dead}.1"]
-    assert report.outbox_counts() == {OutboxState.PENDING: 0, OutboxState.SENT: 2, OutboxState.DEAD: 2}
+    assert report.outbox_counts() == dict.fromkeys(OutboxState, 0) | {OutboxState.SENT: 2, OutboxState.DEAD: 2}
     kept = report.retention
     assert (kept.series_count, kept.instance_count, kept.spool_bytes) == (3, 6, 6000)
     assert (kept.held, kept.held_dead_letters, kept.deletable_now) == (1, 1, 0)  # keep_days = 7: none old enough
