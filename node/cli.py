@@ -8,6 +8,8 @@ retry    resend dead-lettered results
 replay   send a finished series' results again (same files, same SOP Instance UIDs)
 route    explain which rules and destinations match a received series
 engines  doctor | build | bench: the GPU, TensorRT plans, engine speed (node/cli_engines.py)
+review   list | approve JOB | reject JOB --reason TEXT: the review gate (node/cli_review.py)
+web      add-user NAME: a login for the web UI (node/cli_review.py)
 """
 
 from __future__ import annotations
@@ -391,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli_engines import add_engines_parser
 
     add_engines_parser(sub, add_config, _load)
+    from node.cli_review import add_review_parsers
+
+    add_review_parsers(sub, add_config, _load)
     return parser
 
 
