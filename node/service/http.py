@@ -4,7 +4,10 @@
   process's recorded metrics (``node.telemetry``) and of :class:`~node.service.index_metrics.IndexCollector`;
 - ``/healthz``: 200 ``ok`` whenever the process answers;
 - ``/readyz``: 200 and a JSON body of the checks (``node.service.readiness``) when all pass, else 503 and
-  the same body with ``failed``: each failed check's name and why.
+  the same body with ``failed``: each failed check's name and why; ``review`` lists the results held for a
+  reviewer (never a reason to be unready);
+- everything else, when ``[web] enabled`` (the default): the web UI (``node.web``): pages, previews, the
+  outbox, and the review gate's Approve and Reject.
 
 :class:`HttpServer` binds its socket in the caller's thread at :meth:`HttpServer.start`, so a port in use
 stops the service at start with a :class:`~node.errors.ConfigError` naming the key; uvicorn then serves the
@@ -18,6 +21,7 @@ import errno
 import json
 import logging
 import socket
+import sqlite3
 import threading
 from collections.abc import Sequence
 
@@ -27,7 +31,7 @@ from prometheus_client.registry import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from node import telemetry
 from node.config import NodeConfig
@@ -35,6 +39,8 @@ from node.errors import ConfigError
 from node.service.index_metrics import IndexCollector
 from node.service.readiness import EngineReports, readiness
 from node.spool.index import Index
+from node.spool.queries import review_queue
+from node.web.app import web_middleware, web_routes
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +64,17 @@ def build_app(cfg: NodeConfig, index: Index, registry: CollectorRegistry, report
         body: dict[str, object] = {"ready": not failed, "checks": {c.name: c.as_dict() for c in checks}}
         if failed:
             body["failed"] = failed
+        try:  # results held for a reviewer: listed, never a reason to be unready
+            body["review"] = review_queue(index).as_dict()
+        except sqlite3.Error as exc:
+            body["review"] = {"error": f"the index could not be read: {exc}"}
         return Response(json.dumps(body, indent=1) + "\n", status_code=503 if failed else 200,
                         media_type="application/json")
 
-    return Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)])
+    routes: list[BaseRoute] = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]
+    if not cfg.web.enabled:
+        return Starlette(routes=routes)
+    return Starlette(routes=routes + web_routes(cfg, index), middleware=web_middleware(cfg))
 
 
 def bind(cfg: NodeConfig) -> socket.socket:
@@ -107,7 +120,8 @@ class HttpServer:
         self._socket = bind(self.cfg)
         self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self._thread.start()
-        log.info("HTTP port on %s:%d: /metrics, /healthz, /readyz", self.cfg.metrics.bind_address, self.port)
+        log.info("HTTP port on %s:%d: /metrics, /healthz, /readyz%s", self.cfg.metrics.bind_address, self.port,
+                 ", the web UI at /" if self.cfg.web.enabled else "")
 
     def _serve(self) -> None:
         assert self._socket is not None

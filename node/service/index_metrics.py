@@ -14,13 +14,14 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from node import __version__
 from node.config import NodeConfig
 from node.model.records import JobState, OutboxState, SeriesState
 from node.service.readiness import EngineReports, engines_by_bundle
 from node.spool.index import Index
+from node.spool.queries import review_queue
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,20 @@ class IndexCollector:
             outbox.add_metric([destination, outbox_state.value], n)
         spool = GaugeMetricFamily("dicomseg_spool_bytes", "Bytes of the received instances in the spool (as indexed)")
         spool.add_metric([], self.index.spool_bytes())
-        return [series, jobs, depth, age, outbox, spool]
+        return [series, jobs, depth, age, outbox, spool, *self._review_metrics(now)]
+
+    def _review_metrics(self, now: float) -> list[Metric]:
+        queue = review_queue(self.index, now)
+        awaiting = GaugeMetricFamily("dicomseg_review_awaiting", "Jobs whose results are held for a reviewer")
+        awaiting.add_metric([], len(queue.jobs))
+        oldest = GaugeMetricFamily("dicomseg_review_oldest_age_seconds",
+                                   "Seconds the longest-waiting result held for review has waited (0 when none)")
+        oldest.add_metric([], queue.oldest_age_s or 0.0)
+        decisions = CounterMetricFamily("dicomseg_review_decisions", "Review decisions recorded, per decision",
+                                        labels=["decision"])
+        for decision, n in self.index.review_counts().items():
+            decisions.add_metric([decision.value], n)
+        return [awaiting, oldest, decisions]
 
     def _free_disk(self) -> Metric:
         free = GaugeMetricFamily("dicomseg_state_dir_free_bytes", "Bytes free on the state directory's file system")

@@ -17,7 +17,7 @@ NODE = Path(__file__).resolve().parents[2] / "node"
 #: send; jobs and service compose them; the command line is the roof.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("node", "node.errors", "node.model"),  # ground floor
-    ("node.config", "node.config_tls", "node.config_web", "node.telemetry"),  # telemetry: the metrics every stage records into
+    ("node.config", "node.config_tls", "node.config_web", "node.telemetry"),  # telemetry: the metrics stages record
     ("node.spool",),  # receive: files + the index (the only SQL), and the queries on it
     ("node.dicom",),  # receive: the SCP (into the spool), and the SCU that send uses
     ("node.assemble",),
@@ -25,6 +25,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("node.write",),
     ("node.send",),
     ("node.jobs",),
+    ("node.web",),  # the web UI: pages on the index's queries and the operator commands
     ("node.service",),
     ("node.cli", "node.cli_engines", "node.cli_review", "node.__main__"),
 )
