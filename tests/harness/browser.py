@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.chrome.webdriver import WebDriver
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -25,7 +26,7 @@ def browser_missing_reason() -> str | None:
 requires_browser = pytest.mark.skipif(browser_missing_reason() is not None, reason=browser_missing_reason() or "")
 
 
-def chromium(download_dir: Path, width: int = 1280, height: int = 800):  # type: ignore[no-untyped-def]
+def chromium(download_dir: Path, width: int = 1280, height: int = 800) -> WebDriver:
     """A headless chromium WebDriver at ``width``×``height`` (the caller quits it)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
