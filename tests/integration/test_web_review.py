@@ -13,6 +13,7 @@ artefact; the README's screenshot is one of these).
 
 from __future__ import annotations
 
+import html
 import http.cookiejar
 import json
 import re
@@ -52,14 +53,14 @@ class Client:
         data = urllib.parse.urlencode(form).encode() if form is not None else None
         try:
             with self.opener.open(self.base + path, data=data, timeout=30) as resp:
-                return resp.status, resp.read().decode(), resp.headers
+                return resp.status, html.unescape(resp.read().decode()), resp.headers
         except urllib.error.HTTPError as err:
-            return err.code, err.read().decode(), err.headers
+            return err.code, html.unescape(err.read().decode()), err.headers
 
     def csrf(self, path: str = "/review") -> str:
         status, body, _ = self.request(path)
         assert status == 200, body
-        match = re.search(r'name="csrf" value="([^"]+)"', body)
+        match = re.search(r'name="csrf" value="([^"]+)"', body)  # (a URL-safe token: unescaping leaves it)
         assert match, body
         return match.group(1)
 
@@ -161,7 +162,7 @@ def test_a_physicist_approves_one_result_and_rejects_another_in_a_real_browser(t
 
             time.sleep(3)
             assert _sent_modalities(tps) == ["RTSTRUCT", "SEG"], "the rejected result was sent"
-            _bad_requests(base, job_a, job_b)
+            _bad_requests(base, job_a, job_b, approved.series_uid)
             assert _sent_modalities(tps) == ["RTSTRUCT", "SEG"], "something was sent twice"
 
             listed = subprocess.run([sys.executable, "-m", "node", "review", "list", "--json", "-c",
@@ -177,7 +178,7 @@ def test_a_physicist_approves_one_result_and_rejects_another_in_a_real_browser(t
             assert "Synthetic" not in node.log_text()  # no patient name in the log
 
 
-def _bad_requests(base: str, job_a: int, job_b: int) -> None:
+def _bad_requests(base: str, job_a: int, job_b: int, series_a: str) -> None:
     """Each bad request gets its status and a sentence; none changes what was decided or sent."""
     client = Client(base)
     code, body, _ = client.request("/login", {"username": USER, "password": "wrong password!"})
@@ -199,6 +200,10 @@ def _bad_requests(base: str, job_a: int, job_b: int) -> None:
     assert code == 404 and "job 999999 is not in the index" in body
     code, body, _ = client.request("/series/1.2.3.4.5")
     assert code == 404 and "series 1.2.3.4.5 is not in the index" in body
+    code, body, _ = client.request("/outbox/retry", {"csrf": token})
+    assert code == 200 and "0 dead letter(s) queued again" in body  # the button, after its redirect
+    code, body, _ = client.request(f"/series/{series_a}/replay", {"csrf": token, "destination": "archive"})
+    assert code == 400 and "destination(s) 'archive' unknown" in body
     # Failed logins are limited per address (and per name): past LOGIN_ATTEMPTS, even the right password waits.
     stranger = Client(base)
     for _ in range(LOGIN_ATTEMPTS):
