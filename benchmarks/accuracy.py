@@ -1,20 +1,27 @@
 """Accuracy of the bundled models against TotalSegmentator's label maps in ../shared/data.
 
-Run: .venv/bin/python benchmarks/accuracy.py
+Run: .venv/bin/python benchmarks/accuracy.py [--backend onnxruntime --backend openvino-bf16 ...]
 
 For every dataset with a TotalSegmentator reference, the node's default bundles run exactly as a worker
-runs them (``segment_volume``) and each structure's Dice against the reference is printed, or why there
-is none (declined with the reason, or no reference structure in the field). TotalSegmentator's "total"
-class map (v2 ids, checked against the data: the example's lung bases carry the lower lobes 11 and 14):
-liver 5; left lung = lobes 10, 11; right lung = lobes 12, 13, 14. It has no body outline, so BODY is
-reported by volume only. Targets (issue 3): liver ≥ 0.95 on example_ct_sm; lungs ≥ 0.97 where a
-reference exists; the 20-slice series declined for liver, with BODY still found.
+runs them (``segment_volume``) on each engine variant (``--backend``, repeatable; default: ONNX Runtime
+FP32, and OpenVINO FP32 and BF16 where openvino is installed and the CPU has a BF16 unit) and each
+structure's Dice against the reference is printed with the variant, its change against ONNX Runtime FP32
+(issue 20: BF16 may lose at most 0.002), or why there is none (declined with the reason, or no reference
+structure in the field). TotalSegmentator's "total" class map (v2 ids, checked against the data: the
+example's lung bases carry the lower lobes 11 and 14): liver 5; left lung = lobes 10, 11; right lung =
+lobes 12, 13, 14. It has no body outline, so BODY is reported by volume only. Targets (issue 3): liver ≥
+0.95 on example_ct_sm; lungs ≥ 0.97 where a reference exists; the 20-slice series declined for liver,
+with BODY still found. The OpenVINO variants are compiled at the stated precision without the backend's
+agreement check (the Dice here is what that precision gives, whatever the check would decide); the
+built-in bundle (body-lungs) runs no network, so its rows are the same on every variant.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from node.assemble.volume import build_volume, read_series  # noqa: E402
-from node.config import NodeConfig  # noqa: E402
 from node.errors import Declined  # noqa: E402
-from node.infer.backends.loader import make_engine  # noqa: E402
+from node.infer.backends.onnxrt import OnnxRuntimeEngine  # noqa: E402
+from node.infer.engine import Engine  # noqa: E402
 from node.infer.manifest import discover_bundles  # noqa: E402
 from node.infer.segment import segment_volume  # noqa: E402
+from node.model.bundle import Bundle  # noqa: E402
 from node.model.volume import Volume  # noqa: E402
 from node.write.result import label_mask  # noqa: E402
 from tests.harness.nifti import load_nifti_volume  # noqa: E402
@@ -61,44 +69,92 @@ def cases() -> list[Case]:
     return found
 
 
+def _onnxruntime(bundle: Bundle) -> Engine:
+    assert bundle.model_file is not None
+    return OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name)
+
+
+def _openvino(precision: str) -> Callable[[Bundle], Engine]:
+    def make(bundle: Bundle) -> Engine:
+        from node.infer.backends.openvino import compile_model, engine_for, input_shape, openvino_core
+        from node.infer.cpu.precision import CpuPrecision
+
+        compiled = compile_model(openvino_core(), bundle, input_shape(bundle), CpuPrecision(precision), 0)
+        return engine_for(bundle, compiled, CpuPrecision(precision))
+    return make
+
+
+#: Engine variants: name → engine factory for a network bundle.
+VARIANTS: dict[str, Callable[[Bundle], Engine]] = {
+    "onnxruntime": _onnxruntime, "openvino-fp32": _openvino("fp32"), "openvino-bf16": _openvino("bf16"),
+}
+
+
+def default_variants() -> list[str]:
+    from node.infer.backends.openvino import offers_bf16, openvino_core, status
+    from node.infer.cpu.features import read_cpu
+
+    if not status().available:
+        return ["onnxruntime"]
+    bf16 = read_cpu().bf16_unit is not None and offers_bf16(openvino_core())
+    return ["onnxruntime", "openvino-fp32"] + (["openvino-bf16"] if bf16 else [])
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", action="append", choices=sorted(VARIANTS), default=[],
+                        help="engine variant (repeatable; default: every one available here)")
+    args = parser.parse_args()
+    # The first variant is the baseline of the ΔDice column: ONNX Runtime FP32 whenever it is measured.
+    variants = sorted(dict.fromkeys(args.backend or default_variants()), key=lambda v: v != "onnxruntime")
     all_cases = cases()
     if not all_cases:
         print(f"no reference data under {SHARED}", file=sys.stderr)
         return 1
     bundles = discover_bundles(REPO / "engines")
-    engines = {b.id: make_engine(b, NodeConfig()) for b in bundles}
-    print(f"{'dataset':<44} {'structure':<8} {'Dice':>6} {'ours mL':>8} {'ref mL':>8}  note")
-    for case in all_cases:
-        voxel_ml = float(np.prod(case.volume.geometry.spacing)) / 1000.0
-        if case.reference.shape != case.volume.voxels.shape:
-            print(f"{case.name}: reference shape {case.reference.shape} != volume {case.volume.voxels.shape}")
-            return 1
-        for bundle in bundles:
-            started = time.perf_counter()
-            try:
-                labels = segment_volume(case.volume, bundle, engines[bundle.id])
-            except Declined as exc:
-                for label in bundle.labels:
-                    print(f"{case.name:<44} {label.name:<8} {'-':>6} {'-':>8} {'-':>8}  declined: {exc}")
-                continue
-            seconds = time.perf_counter() - started
-            for label in bundle.labels:
-                ours = label_mask(labels, label)
-                ids = REFERENCE_IDS.get(label.name)
-                if ids is None:
-                    print(f"{case.name:<44} {label.name:<8} {'-':>6} {ours.sum() * voxel_ml:>8.0f} {'-':>8}  "
-                          f"no TotalSegmentator reference ({seconds:.1f} s)")
-                    continue
-                truth = np.isin(case.reference, ids)
-                if not truth.any():
-                    print(f"{case.name:<44} {label.name:<8} {'-':>6} {ours.sum() * voxel_ml:>8.0f} {0:>8.0f}  "
-                          "not in the reference's field")
-                    continue
-                dice = 2.0 * (ours & truth).sum() / (ours.sum() + truth.sum())
-                print(f"{case.name:<44} {label.name:<8} {dice:>6.3f} {ours.sum() * voxel_ml:>8.0f} "
-                      f"{truth.sum() * voxel_ml:>8.0f}  ({seconds:.1f} s)")
+    baseline: dict[tuple[str, str], float] = {}
+    print(f"{'dataset':<44} {'structure':<8} {'backend':<14} {'Dice':>6} {'ΔDice':>7} {'ours mL':>8} {'ref mL':>8}"
+          "  note")
+    for variant in variants:
+        engines = {b.id: VARIANTS[variant](b) if b.model_file is not None else None for b in bundles}
+        for case in all_cases:
+            if case.reference.shape != case.volume.voxels.shape:
+                print(f"{case.name}: reference shape {case.reference.shape} != volume {case.volume.voxels.shape}")
+                return 1
+            for bundle in bundles:
+                _score(case, bundle, engines[bundle.id], variant, baseline)
+        del engines
     return 0
+
+
+def _score(case: Case, bundle: Bundle, engine: Engine | None, variant: str,
+           baseline: dict[tuple[str, str], float]) -> None:
+    """Print one row per label of ``bundle`` on ``case``; the first variant's Dice is the baseline."""
+    voxel_ml = float(np.prod(case.volume.geometry.spacing)) / 1000.0
+    started = time.perf_counter()
+    try:
+        labels = segment_volume(case.volume, bundle, engine)
+    except Declined as exc:
+        for label in bundle.labels:
+            print(f"{case.name:<44} {label.name:<8} {variant:<14} {'-':>6} {'-':>7} {'-':>8} {'-':>8}  declined: {exc}")
+        return
+    seconds = time.perf_counter() - started
+    for label in bundle.labels:
+        ours = label_mask(labels, label)
+        ids = REFERENCE_IDS.get(label.name)
+        head = f"{case.name:<44} {label.name:<8} {variant:<14}"
+        if ids is None:
+            print(f"{head} {'-':>6} {'-':>7} {ours.sum() * voxel_ml:>8.0f} {'-':>8}  "
+                  f"no TotalSegmentator reference ({seconds:.1f} s)")
+            continue
+        truth = np.isin(case.reference, ids)
+        if not truth.any():
+            print(f"{head} {'-':>6} {'-':>7} {ours.sum() * voxel_ml:>8.0f} {0:>8.0f}  not in the reference's field")
+            continue
+        dice = 2.0 * (ours & truth).sum() / (ours.sum() + truth.sum())
+        first = baseline.setdefault((case.name, label.name), dice)
+        print(f"{head} {dice:>6.4f} {dice - first:>+7.4f} {ours.sum() * voxel_ml:>8.0f} "
+              f"{truth.sum() * voxel_ml:>8.0f}  ({seconds:.1f} s)")
 
 
 if __name__ == "__main__":

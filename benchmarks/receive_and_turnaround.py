@@ -3,6 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/receive_and_turnaround.py [--slices 300] [--repeats 3] [--scrape] [--json OUT]
+        [--backend onnxruntime|openvino-fp32|openvino-bf16|openvino|auto]
 
 What it measures (everything on 127.0.0.1, DCMTK processes with ``TCP_NODELAY=1``):
 
@@ -23,7 +24,10 @@ What it measures (everything on 127.0.0.1, DCMTK processes with ``TCP_NODELAY=1`
    (``max(outbox.sent_at)`` once every outbox row is ``sent``) is reported, split into settle,
    job and send, together with the job's stage timings (``jobs.timings``) and the node's peak RSS
    (``VmHWM`` from ``/proc/<pid>/status`` of the service process and each of its descendants,
-   sampled every 100 ms, summed).
+   sampled every 100 ms, summed). With ``--backend`` the node runs that engine variant
+   (benchmarks/cpu_variants.py); its engines are first loaded once into the node's state directory by a
+   separate process, so the node imports OpenVINO's compiled models (and a BF16 model's agreement
+   verdict) from the cache as a restarted node does, and that first load's time and peak are reported.
 
 Every subprocess runs in its own process group and is killed on exit (normal, exception,
 SIGINT/SIGTERM/SIGHUP).
@@ -52,6 +56,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cpu_variants import VARIANTS as CPU_VARIANTS  # noqa: E402
+from benchmarks.cpu_variants import engines_toml  # noqa: E402
 from tests.harness.dcmtk import LOOPBACK, STORESCP, STORESCU, free_port  # noqa: E402
 from tests.harness.proctable import proc_table  # noqa: E402
 from tests.harness.synthetic_ct import write_ct_series  # noqa: E402
@@ -271,7 +277,7 @@ class Node:
     """``python -m node serve`` on a loopback port with its own state folder and TOML config."""
 
     def __init__(self, workdir: Path, *, quiet_period_s: float, release_settle_s: float,
-                 destination: str | None = None, metrics_port: int = 0) -> None:
+                 destination: str | None = None, metrics_port: int = 0, engines: str = "") -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.state_dir = workdir / "state"
@@ -282,6 +288,7 @@ class Node:
             "[node]\nworkers = 1\n\n"
             f"[assemble]\nquiet_period_s = {quiet_period_s!r}\nrelease_settle_s = {release_settle_s!r}\n"
             + (f"[metrics]\nport = {metrics_port}\nbind_address = \"{LOOPBACK}\"\n" if metrics_port else "")
+            + (f"[engines]\n{engines}" if engines else "")
         )
         self.destination = destination
         self.port = 0
@@ -454,13 +461,41 @@ def bench_receive(files: list[Path], work: Path, repeats: int, say: Callable[[st
     } | {"node_idle_wait_s": [round(v, 2) for v in idle_waits]}
 
 
+_PREPARE = """
+import dataclasses, json, resource, sys, time
+from pathlib import Path
+from node.config import load_config
+from node.infer.backends.loader import EngineLoader
+from node.infer.manifest import discover_bundles
+cfg = dataclasses.replace(load_config(Path(sys.argv[1])), state_dir=Path(sys.argv[2]))
+started = time.perf_counter()
+loader = EngineLoader.from_config(cfg)
+loaded = {b.id: loader.get(b).description for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
+print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "engines": loaded,
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+
+def prepare_engines(node: Node) -> dict[str, Any]:
+    """Load the node's engines once into its state directory (compiling OpenVINO models and checking BF16)."""
+    proc = subprocess.run([sys.executable, "-c", _PREPARE, str(node.config), str(node.state_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loading the engines failed:\n{proc.stdout}{proc.stderr}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def bench_turnaround(files: list[Path], work: Path, say: Callable[[str], None],
-                     timeout_s: float = 240.0) -> dict[str, Any]:
+                     timeout_s: float = 240.0, engines: str = "") -> dict[str, Any]:
     n = len(files)
     base = work / "turnaround"
     with DcmtkStoreSCP(base / "dest", base / "dest.log", ae_title=DEST_AET) as dest:
         node = Node(base / "node", quiet_period_s=10.0, release_settle_s=1.0,
-                    destination=f"{DEST_AET}@{LOOPBACK}:{dest.port}")
+                    destination=f"{DEST_AET}@{LOOPBACK}:{dest.port}", engines=engines)
+        prepared = prepare_engines(node) if engines else None
+        if prepared is not None:
+            say(f"  engines loaded once in {prepared['seconds']:.1f} s: {prepared['engines']}")
         try:
             node.start()
             assert node.proc is not None
@@ -522,6 +557,7 @@ def bench_turnaround(files: list[Path], work: Path, say: Callable[[str], None],
         "peak_rss_sum_vmhwm_mib": round(sum(rss.hwm_kib.values()) / 1024, 1),
         "peak_rss_sampled_sum_mib": round(rss.max_rss_sum_kib / 1024, 1),
         "peak_rss_per_process_mib": per_process,
+        "engines_first_load": prepared,
     }
 
 
@@ -583,6 +619,12 @@ def render(result: dict[str, Any]) -> str:
     for name, mib in t["peak_rss_per_process_mib"].items():
         rows.append([f"  {name}", f"{mib:.0f} MiB", ""])
     rows.append(["peak of sampled sum of VmRSS", f"{t['peak_rss_sampled_sum_mib']:.0f} MiB", "(100 ms samples)"])
+    if t.get("engines_first_load"):
+        first = t["engines_first_load"]
+        rows.append([f"engines ({result.get('backend', 'auto')}): first load, before the node started",
+                     f"{first['seconds']:.2f} s", f"peak {first['peak_rss_mib']:.0f} MiB"])
+        for bundle_id, description in first["engines"].items():
+            rows.append([f"  {bundle_id}", "", description[:90]])
     out += _fmt_table(rows, ["metric", "value", ""])
     out.append("")
     out.append(f"total benchmark time: {result['total_s']:.0f} s")
@@ -597,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrape", action="store_true",
                         help="also push into a node whose metrics a real Prometheus scrapes every second")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, state) for a look")
+    parser.add_argument("--backend", choices=list(CPU_VARIANTS), default=None,
+                        help="the turnaround node's engine variant (benchmarks/cpu_variants.py; default: the node's "
+                             "own choice, engines loaded at its start)")
     args = parser.parse_args(argv)
     if args.slices < 5 or args.repeats < 1:
         parser.error("--slices must be >= 5 (the bundle's minimum) and --repeats >= 1")
@@ -628,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         say("receive throughput:")
         receive = bench_receive(files, work, args.repeats, say, scrape=args.scrape)
         say("turnaround:")
-        turnaround = bench_turnaround(files, work, say)
+        engines = engines_toml(args.backend, REPO / "engines", work) if args.backend else ""
+        turnaround = bench_turnaround(files, work, say, engines=engines)
         dcmtk = subprocess.run([str(STORESCU), "--version"], capture_output=True, text=True, timeout=10)
         result: dict[str, Any] = {
             "command": command,
@@ -643,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
                        "generate_s": round(gen_s, 1)},
             "receive": receive,
             "turnaround": turnaround,
+            "backend": args.backend or "auto",
         }
         result["total_s"] = round(time.monotonic() - started, 1)
         print(render(result), flush=True)

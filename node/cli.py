@@ -4,11 +4,12 @@ serve    run the service (receive → assemble → infer → write → send)
 segment  the same pipeline offline, on files and folders
 echo     C-ECHO a DICOM peer
 status   what the service's index holds: series, jobs, outbox, retention figures
-retry    resend dead-lettered results
+retry    resend dead-lettered results; --job ID / --series UID: run failed jobs again
 replay   send a finished series' results again (same files, same SOP Instance UIDs)
 route    explain which rules and destinations match a received series
 engines  doctor | build | bench: the GPU, TensorRT plans, engine speed (node/cli_engines.py)
 review   list | approve JOB | reject JOB --reason TEXT: the review gate (node/cli_review.py)
+complete SERIES_UID: declare a series complete, segment it now (node/cli_series.py)
 web      add-user NAME: a login for the web UI (node/cli_review.py)
 """
 
@@ -258,10 +259,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from node.spool.commands import retry_dead_letters
+    from node.spool.commands import retry_dead_letters, retry_jobs
     from node.spool.index import Index
 
     cfg = _load(args)
+    if args.job or args.series:
+        index = _open_index(cfg)
+        if index is None:
+            return 1
+        ids = retry_jobs(index, args.job or (), args.series)
+        print(f"job(s) {', '.join(map(str, ids))} queued to run again (the running service takes them; "
+              "`status` shows progress)")
+        return 0
     n = retry_dead_letters(Index(cfg.index_path))
     print(f"{n} dead-lettered object(s) queued for sending again")
     return 0
@@ -370,8 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("retry", help="resend dead-lettered results", description="Queue dead letters again.")
+    p = sub.add_parser("retry", help="resend dead-lettered results, or run failed jobs again",
+                       description="Queue dead letters again; with --job or --series, run failed jobs again from "
+                                   "the start instead (`status` marks the failures a retry could fix).")
     add_config(p)
+    p.add_argument("--job", action="append", type=int, metavar="ID", help="a failed job's id (repeatable)")
+    p.add_argument("--series", metavar="UID", help="Series Instance UID: the failed jobs of this series "
+                   "(the newest job of each bundle, when it failed)")
     p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("replay", help="send a finished series' results again",
@@ -396,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli_review import add_review_parsers
 
     add_review_parsers(sub, add_config, _load)
+    from node.cli_series import add_series_parsers
+
+    add_series_parsers(sub, add_config, _load)
     return parser
 
 

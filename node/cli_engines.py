@@ -1,10 +1,11 @@
 """`dicom-seg-node engines …`: doctor, build and bench for the inference engines.
 
-doctor   the GPU (or why there is none), what is installed, and per bundle: precision, tile batch,
-         expected time at this GPU's rates, whether its TensorRT plan is cached
+doctor   the GPU (or why there is none), the CPU (model, AMX / AVX-512 BF16 / VNNI units, peak), what is
+         installed, and per bundle: GPU precision, tile batch, expected time at this GPU's rates, whether
+         its TensorRT plan is cached; the CPU backend and precision it gets, and its OpenVINO model
 build    build (or verify) the TensorRT plans of the configured bundles into the state directory
-bench    time per tile and per volume, tiles/s and the fraction of the GPU's roofline, per engine,
-         with ONNX Runtime on the CPU beside it
+bench    time per tile and per volume, GFLOP/s and the fraction of the GPU's roofline or the CPU's peak,
+         per engine: TensorRT, ONNX Runtime and OpenVINO (FP32, and BF16 where the CPU has it)
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from node.config import NodeConfig
 from node.errors import InferenceError
 from node.infer.manifest import discover_bundles
 from node.model.bundle import Bundle
+
+if TYPE_CHECKING:
+    from node.infer.cpu.doctor import CpuReport
 
 
 def _bundles(cfg: NodeConfig, args: argparse.Namespace) -> list[Bundle]:
@@ -36,7 +41,8 @@ def cmd_doctor(cfg: NodeConfig, args: argparse.Namespace) -> int:
     )
 
     report = doctor(_bundles(cfg, args), backend=cfg.engine_backend, state_dir=cfg.state_dir,
-                    profile_path=Path(args.profile) if args.profile else None, gpu_index=cfg.gpu_index)
+                    profile_path=Path(args.profile) if args.profile else None, gpu_index=cfg.gpu_index,
+                    threads=cfg.engine_threads)
     console = Console(width=max(Console().width, 160))
     t = Table(title="what is installed")
     for c in ("component", "", "detail"):
@@ -63,8 +69,28 @@ def cmd_doctor(cfg: NodeConfig, args: argparse.Namespace) -> int:
             t.add_row(r.bundle, r.precision, r.sample, r.gflop, r.mb_moved, r.batch, r.tiles, r.per_tile_ms,
                       r.per_volume_s, r.bound, r.plan, escape(why))
         console.print(t)
+    _print_cpu(console, report.cpu)
     console.print(f"[bold]this node will run:[/bold] {escape(report.verdict)}")
     return 0
+
+
+def _print_cpu(console: Any, cpu: CpuReport) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]CPU:[/bold] {escape(cpu.cpu.describe())}")
+    for precision, peak in cpu.peaks.items():
+        console.print(f"  peak {precision.upper()}: {escape(peak.how)}")
+    if cpu.openvino.available:
+        console.print(f"  OpenVINO offers BF16 here: {'yes' if cpu.openvino_bf16 else 'no'}")
+    if not cpu.rows:
+        return
+    t = Table(title=f"per bundle on this CPU ({cpu.backend or 'no CPU backend'} when the GPU does not run it)")
+    for c in ("bundle", "backend", "precision", "model", "why"):
+        t.add_column(c, overflow="fold")
+    for r in cpu.rows:
+        t.add_row(r.bundle, r.backend, r.precision, escape(r.model), escape(r.why))
+    console.print(t)
 
 
 def cmd_build(cfg: NodeConfig, args: argparse.Namespace) -> int:
@@ -113,14 +139,15 @@ def cmd_bench(cfg: NodeConfig, args: argparse.Namespace) -> int:
 
     rows, notes = bench(_bundles(cfg, args), state_dir=cfg.state_dir, repeats=args.repeats, gpu_index=cfg.gpu_index,
                         threads=cfg.engine_threads)
-    t = Table(title=f"engines bench (median of {args.repeats}; a volume = the doctor's reference CT)")
-    for c in ("bundle", "engine", "batch", "ms/batch", "ms/tile", "tiles/s", "s/volume", "TFLOP/s",
-              "of compute roofline", "of bandwidth", "note"):
+    t = Table(title=f"engines bench (median of {args.repeats}; a volume = the doctor's reference CT; "
+                    "CPU rows: fraction of the CPU's peak at the row's precision)")
+    for c in ("bundle", "engine", "batch", "ms/batch", "ms/tile", "tiles/s", "s/volume", "GFLOP/s",
+              "of compute peak", "of bandwidth", "note"):
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(r.bundle, r.engine, str(r.batch), f"{r.per_batch_ms:,.1f}", f"{r.per_tile_ms:,.2f}",
-                  f"{r.tiles_per_s:,.1f}", f"{r.per_volume_s:,.2f}", f"{r.achieved_tflops:,.3f}", r.compute_fraction,
-                  r.bandwidth_fraction, r.note)
+                  f"{r.tiles_per_s:,.1f}", f"{r.per_volume_s:,.2f}", f"{r.achieved_tflops * 1e3:,.1f}",
+                  r.compute_fraction, r.bandwidth_fraction, r.note)
     console = Console(width=max(Console().width, 160))
     console.print(t)
     for note in notes:
@@ -142,9 +169,10 @@ def add_engines_parser(sub: argparse._SubParsersAction,
         v.set_defaults(func=lambda args: run(load(args), args))
         return v
 
-    v = verb("doctor", "the GPU, what is installed, and what it implies for each bundle", cmd_doctor)
+    v = verb("doctor", "the GPU and the CPU, what is installed, and what it implies for each bundle", cmd_doctor)
     v.add_argument("--profile", metavar="JSON", help="plan for a recorded GPU profile instead of this machine's GPU")
     v = verb("build", "build the TensorRT plans of the configured bundles (needs a GPU and TensorRT)", cmd_build)
     v.add_argument("--force", action="store_true", help="rebuild even when a valid plan is cached")
-    v = verb("bench", "time each engine per tile and per volume, against the GPU's roofline", cmd_bench)
+    v = verb("bench", "time each engine per tile and per volume, against the GPU's roofline or the CPU's peak",
+             cmd_bench)
     v.add_argument("--repeats", type=int, default=5, help="timed runs per engine (default 5)")

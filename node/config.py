@@ -13,10 +13,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from node.config_dicomweb import (
+    StowReceive,
+    Verification,
+    WebDestination,
+    host_port,
+    parse_stow_receive,
+    parse_verification,
+    parse_web_destination,
+)
 from node.config_tls import TlsConfig, check_tls_files
 from node.config_web import WebConfig, parse_web
 from node.errors import ConfigError
-from node.model.enums import DestinationType, EngineBackend, ObjectKind, RuleAction, SegType
+from node.model.enums import DestinationType, EngineBackend, ObjectKind, RuleAction, SegType, TimeoutAction
 from node.model.routing import Conditions, Route, Rule
 from node.model.tables import Table
 
@@ -39,11 +48,15 @@ class Destination:
     type: DestinationType = DestinationType.DICOM
     route: Route = Route()  # which results it takes (default: every result)
     review: bool = False  # hold its copies until a reviewer approves the job (the review gate)
+    web: WebDestination | None = None  # type DICOMWEB: the STOW-RS service (url, auth, TLS)
+    verify: Verification = Verification()  # how its storage of each object is confirmed after the send
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", DestinationType(self.type))  # a string becomes the enum here
 
     def __str__(self) -> str:
+        if self.web is not None:
+            return self.web.url
         return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
@@ -108,6 +121,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class CompletenessConfig:
+    """``[completeness]``: ask a peer how many instances a series has before segmenting it (off: no source)."""
+
+    source: str = ""  # the name of a [[destinations]] entry to ask (C-FIND, or QIDO-RS for a DICOMweb one)
+    check_after_s: float = 2.0  # a series this long without a new instance is counted against the source
+    recheck_s: float = 5.0  # how often a series still short of instances is counted again
+    max_wait_s: float = 300.0  # after this long short of instances ...
+    on_timeout: TimeoutAction = TimeoutAction.PROCEED  # ... segment what arrived, or leave it alone
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything the service needs, validated."""
 
@@ -148,6 +172,8 @@ class NodeConfig:
     rules: tuple[Rule, ...] = ()  # [[rules]]: which series are segmented, first match wins
     metrics: MetricsConfig = MetricsConfig()
     web: WebConfig = WebConfig()
+    stow_in: StowReceive = StowReceive()  # [dicomweb_in]: STOW-RS into the node on the HTTP port
+    completeness: CompletenessConfig = CompletenessConfig()
     review_bundles: tuple[str, ...] = ()  # [bundles.NAME] review = true: every copy of their results is held
     source: str = "(embedded defaults)"
 
@@ -279,7 +305,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         engine_backend=engines.choice("backend", EngineBackend, defaults.engine_backend),
         engine_threads=engines.positive("threads", defaults.engine_threads, integer=True, allow_zero=True),
         gpu_index=engines.positive("gpu_index", defaults.gpu_index, integer=True, allow_zero=True),
-        destinations=tuple(_destination(t) for t in top.tables("destinations")),
+        destinations=tuple(_destination(t, base_dir) for t in top.tables("destinations")),
         rules=tuple(_rule(t, i) for i, t in enumerate(top.tables("rules"))),
         metrics=MetricsConfig(
             port=_port_or_zero(metrics.get("port", int, 0), metrics.where("port")),
@@ -306,6 +332,8 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
             require_client_certificate=tls.get("require_client_certificate", bool, True),
         ),
         web=parse_web(top.table("web"), base_dir),
+        stow_in=parse_stow_receive(top.table("dicomweb_in"), base_dir),
+        completeness=_completeness(top.table("completeness")),
         review_bundles=review_bundles,
         source=source,
     )
@@ -314,6 +342,10 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
     names = [d.name for d in cfg.destinations]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: destination names must be unique; got {names}")
+    counts_from = cfg.completeness.source
+    if counts_from and counts_from not in names:
+        raise ConfigError(f"{source}: key 'completeness.source' names {counts_from!r}, which is not a "
+                          f"[[destinations]] name (destinations: {names or 'none'})")
     rule_names = [r.name for r in cfg.rules]
     if len(set(rule_names)) != len(rule_names):
         raise ConfigError(f"{source}: rule names must be unique; got {rule_names}")
@@ -332,22 +364,27 @@ def check_bundle_names(cfg: NodeConfig, installed: list[str]) -> None:
                                   f"installed bundle (installed: {', '.join(installed)})")
 
 
-def _destination(table: Table) -> Destination:
+def _destination(table: Table, base_dir: Path) -> Destination:
     kind = table.choice("type", DestinationType, DestinationType.DICOM)
-    aet = _ae_title(table.require("ae_title", str), table.where("ae_title"))
-    host = table.get("host", str, None)
-    if not host:
-        raise table.fail("host", "is missing; expected a host name or address")
-    port = _port(table.require("port", int), table.where("port"))
     objects = table.get("objects", list, None)
     route = Route(
         objects=frozenset(ObjectKind) if objects is None else frozenset(table.choices("objects", ObjectKind)),
         bundles=table.strings("bundles"),
         when=_conditions(table.table("when")),
     )
+    review, verify = table.get("review", bool, False), parse_verification(table)
+    if kind is DestinationType.DICOMWEB:
+        web = parse_web_destination(table, base_dir)
+        web_host, web_port = host_port(web.url)
+        return Destination(name=table.get("name", str, web_host), ae_title="", host=web_host, port=web_port,
+                           type=kind, web=web, route=route, review=review, verify=verify)
+    aet = _ae_title(table.require("ae_title", str), table.where("ae_title"))
+    host = table.get("host", str, None)
+    if not host:
+        raise table.fail("host", "is missing; expected a host name or address")
+    port = _port(table.require("port", int), table.where("port"))
     return Destination(name=table.get("name", str, aet.lower()), ae_title=aet, host=host, port=port,
-                       tls=table.get("tls", bool, False), type=kind, route=route,
-                       review=table.get("review", bool, False))
+                       tls=table.get("tls", bool, False), type=kind, route=route, review=review, verify=verify)
 
 
 def _pattern(table: Table, key: str) -> re.Pattern[str] | None:
@@ -376,6 +413,15 @@ def _rule(table: Table, index: int) -> Rule:
         raise table.fail("bundles", "is set, but an 'ignore' rule segments nothing; remove it")
     return Rule(name=table.get("name", str, f"rules[{index}]"), action=action, when=_conditions(table.table("when")),
                 bundles=bundles, priority=table.get("priority", int, 0))
+
+
+def _completeness(table: Table) -> CompletenessConfig:
+    d = CompletenessConfig()
+    return CompletenessConfig(source=table.get("source", str, d.source),
+                              check_after_s=table.positive("check_after_s", d.check_after_s),
+                              recheck_s=table.positive("recheck_s", d.recheck_s),
+                              max_wait_s=table.positive("max_wait_s", d.max_wait_s),
+                              on_timeout=table.choice("on_timeout", TimeoutAction, d.on_timeout))
 
 
 def _port_or_zero(value: int, where: str) -> int:

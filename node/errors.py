@@ -59,3 +59,8 @@ class NotFound(Permanent):
 
 class Conflict(Permanent):
     """An operator's request contradicts the state of what it names (approving a job already decided)."""
+
+
+class Superseded(NodeError):
+    """A worker of an earlier start of the service (an orphan of a killed one) tried to claim or end a job:
+    a newer start owns the index and its jobs, so the worker writes nothing and exits."""

@@ -91,6 +91,8 @@ class _Metrics:
     failed: Counter
     dead: Counter
     send_seconds: Histogram
+    verified: Counter
+    unverified: Counter
     calling_ae: _Bounded
     directory: Path
     open_keys: set[int]
@@ -136,6 +138,11 @@ def _create(directory: Path) -> _Metrics:
         send_seconds=Histogram("dicomseg_send_duration_seconds", "Seconds one delivery attempt to a destination "
                                "took (one association with every due object), whatever its outcome",
                                ["destination"], buckets=SEND_BUCKETS, registry=None),
+        verified=Counter("dicomseg_results_verified", "Delivered result objects confirmed at the destination "
+                         "afterwards (verify = \"find\"), per destination", ["destination"], registry=None),
+        unverified=Counter("dicomseg_results_unverified", "Delivered result objects not found at the destination "
+                           "within verify_timeout_s, and so sent again, per destination", ["destination"],
+                           registry=None),
         calling_ae=_Bounded(MAX_CALLING_AES),
         directory=directory,
         open_keys=set(),
@@ -279,6 +286,12 @@ def result_sent(m: _Metrics, destination: str) -> None:
 def result_failed(m: _Metrics, destination: str, *, dead: bool) -> None:
     """A delivery of one object failed: to be retried, or (``dead``) given up on."""
     (m.dead if dead else m.failed).labels(destination).inc()
+
+
+@_recorder
+def result_verified(m: _Metrics, destination: str, *, found: bool) -> None:
+    """A delivered object was found at the destination, or (``found=False``) was not in time and is sent again."""
+    (m.verified if found else m.unverified).labels(destination).inc()
 
 
 @_recorder

@@ -5,8 +5,9 @@ their framing and read a few header attributes (a truncated or garbled dataset i
 one without valid SOP Class, SOP Instance, Study and Series Instance UIDs with 0xA900), write them tmp → fsync →
 rename into the spool, commit the instance to the index, and only then answer Success. Inference
 never runs on an association thread. :mod:`node.dicom.guard` keeps peers that break the upper-layer
-protocol from holding the node (stalled PDUs, connections that close before associating, malformed
-association requests).
+protocol from holding the node (stalled or trickled PDUs, connections that close before associating, malformed
+association requests); :mod:`node.dicom.admission` counts connections that have not completed an association
+request apart from associations, so that they never take the slots real senders need.
 
 With ``[tls] enabled`` the listening socket speaks TLS (1.2 or later) and, by default, requires a client
 certificate that chains to ``tls.ca_certificates`` (:class:`_LazyHandshakeContext` keeps the handshake off the
@@ -37,6 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import telemetry
 from node.config import NodeConfig, calling_ae_allowed
+from node.dicom.admission import Admission
 from node.dicom.filemeta import encode_file_meta
 from node.dicom.framing import FramingError, RawElement, scan
 from node.dicom.guard import PeerGuard
@@ -49,15 +51,13 @@ from node.spool.store import Spool
 
 log = logging.getLogger(__name__)
 
-#: Seconds a peer has to send its A-ASSOCIATE-RQ after connecting (and to answer a release). Short:
-#: until then the connection holds one of the association slots.
-ACSE_TIMEOUT_S = 10
 #: Seconds without a PDU on an established association before it is aborted.
 NETWORK_TIMEOUT_S = 60
 #: Seconds to wait for the next DIMSE message of an operation in progress.
 DIMSE_TIMEOUT_S = 60
-#: Associations (or connections not yet associated) served at once; beyond, requests are rejected
-#: (transient, local limit exceeded). Each costs two threads.
+#: Associations (A-ASSOCIATE-RQ received) served at once; beyond, requests are rejected (transient, local limit
+#: exceeded). Each costs two threads. Connections still sending their request are counted apart
+#: (``node.max_pending_connections_per_address``, :mod:`node.dicom.admission`).
 MAX_ASSOCIATIONS = 64
 #: Seconds a TLS peer has to complete its handshake, and at most between the bytes of one TLS record.
 TLS_HANDSHAKE_S = 10.0
@@ -219,8 +219,12 @@ class Receiver:
         self.on_instance = on_instance
         self._server: ThreadedAssociationServer | None = None
         self._assoc_series: dict[int, set[str]] = {}
+        self._assoc_refused: dict[int, set[str]] = {}  # series with instances refused for resources (0xA700)
         self._lock = threading.Lock()
-        self._guard = PeerGuard()
+        self._admission = Admission(max_associations=MAX_ASSOCIATIONS,
+                                    per_address=cfg.max_pending_connections_per_address,
+                                    request_timeout_s=cfg.association_request_timeout_s)
+        self._guard = PeerGuard(self._admission)
         self._per_peer: dict[str, weakref.WeakSet[Association]] = {}
         self.received = 0
 
@@ -228,9 +232,9 @@ class Receiver:
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_pdu_size = self.cfg.max_pdu_size
         ae.network_timeout = NETWORK_TIMEOUT_S
-        ae.acse_timeout = ACSE_TIMEOUT_S
+        ae.acse_timeout = self.cfg.association_request_timeout_s  # also the ARTIM timer: a silent connection
         ae.dimse_timeout = DIMSE_TIMEOUT_S
-        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.maximum_associations = self._admission.pynetdicom_limit  # never decides: see node.dicom.admission
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
@@ -245,6 +249,7 @@ class Receiver:
             *([(evt.EVT_CONN_OPEN, _tls_handshake)] if self.cfg.tls.enabled else []),  # after the guard's
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REQUESTED, self._limit_per_peer),
+            *self._admission.handlers(),  # after the checks above: the association limit, as pynetdicom's
             (evt.EVT_CONN_CLOSE, self._forget_peer),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -265,7 +270,9 @@ class Receiver:
             ) from exc
         tls = self.cfg.tls
         log.info(
-            "listening as %s on %s:%d%s (calling AEs: %s; at most %d associations per calling AE)",
+            "listening as %s on %s:%d%s (calling AEs: %s; at most %d associations per calling AE, %d in all; "
+            "at most %d connections per address still sending their association request, which must arrive "
+            "within %g s)",
             self.cfg.ae_title,
             self.cfg.bind_address,
             self.cfg.port,
@@ -274,6 +281,9 @@ class Receiver:
                                         f" (CA {tls.ca_certificates})"),
             ", ".join(str(p) for p in self.cfg.allowed_calling_aes) or "any",
             self.cfg.max_associations_per_peer,
+            MAX_ASSOCIATIONS,
+            self.cfg.max_pending_connections_per_address,
+            self.cfg.association_request_timeout_s,
         )
 
     def stop(self) -> None:
@@ -357,8 +367,16 @@ class Receiver:
     def _on_ended(self, event: evt.Event) -> None:
         with self._lock:
             series = self._assoc_series.pop(id(event.assoc), set())
-        if series:
-            self.index.settle_sooner(series, self.cfg.release_settle_s)
+            refused = self._assoc_refused.pop(id(event.assoc), set())
+        if series or refused:  # a series with refusals waits for the rest (node.assemble.stable)
+            self.index.settle_sooner(series, self.cfg.release_settle_s, refused=refused)
+
+    def _refused(self, event: evt.Event, series_uid: str) -> None:
+        """An instance of ``series_uid`` was refused for resources: the series is incomplete."""
+        with self._lock:
+            self._assoc_refused.setdefault(id(event.assoc), set()).add(series_uid)
+        with contextlib.suppress(sqlite3.Error):  # a full disk: recorded again when the association ends
+            self.index.note_refused({series_uid})
 
     def _on_store(self, event: evt.Event) -> int:
         status = self._store(event)
@@ -399,6 +417,7 @@ class Receiver:
             log.error("C-STORE from %s of %s refused (0x%04X): %d MB free in %s, below the %d MB watermark "
                       "(node.min_free_disk_mb)", calling, sop_uid, Status.OUT_OF_RESOURCES, free_mb,
                       self.spool.root, self.cfg.min_free_disk_mb)
+            self._refused(event, meta.series_uid)
             return Status.OUT_OF_RESOURCES
         try:
             path, size = self.spool.store(sop_uid, [header, dataset])
@@ -416,6 +435,8 @@ class Receiver:
         except OSError as exc:
             code = Status.OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Status.PROCESSING_FAILURE
             log.error("C-STORE from %s of %s failed (0x%04X): %s", calling, sop_uid, code, exc)
+            if code == Status.OUT_OF_RESOURCES:
+                self._refused(event, meta.series_uid)
             return code
         with self._lock:
             self._assoc_series.setdefault(id(event.assoc), set()).add(meta.series_uid)
@@ -445,9 +466,8 @@ def _tls_handshake(event: evt.Event) -> None:
     """EVT_CONN_OPEN (TLS only): complete the handshake within :data:`TLS_HANDSHAKE_S`, log who the peer is.
 
     A failed handshake (no certificate, one the CA did not sign, a plain-TCP peer) is logged and the
-    socket closed: pynetdicom then sees the connection gone before any A-ASSOCIATE-RQ. After the
-    handshake, reads are served first from what TLS has already decrypted: the guard's bounded
-    ``recv`` waits on ``select``, which cannot see those bytes (pynetdicom's own reads know, #528).
+    socket closed: pynetdicom then sees the connection gone before any A-ASSOCIATE-RQ. The guard's bounded
+    reads serve the bytes TLS has already decrypted first (``select`` cannot see them, #528).
     """
     assoc = event.assoc
     wrapper = assoc.dul.socket
@@ -469,20 +489,3 @@ def _tls_handshake(event: evt.Event) -> None:
     subject = {k: v for rdn in rdns for k, v in rdn}
     log.info("TLS connection from %s: %s, client certificate %s", peer, sock.version(),
              repr(subject.get("commonName")) if subject else "none")
-    inner = wrapper.recv
-
-    def recv(nr_bytes: int) -> bytearray:
-        out = bytearray()
-        try:
-            while len(out) < nr_bytes and sock.pending():
-                chunk = sock.recv(min(nr_bytes - len(out), sock.pending()))
-                if not chunk:
-                    return out
-                out += chunk
-        except (OSError, ValueError):
-            return out
-        if len(out) < nr_bytes:
-            out += inner(nr_bytes - len(out))
-        return out
-
-    wrapper.recv = recv  # type: ignore[method-assign]

@@ -28,6 +28,7 @@ from node.model.bundle import (
     Bundle,
     Code,
     Coverage,
+    CpuOptions,
     GpuOptions,
     Label,
     Postprocess,
@@ -35,7 +36,7 @@ from node.model.bundle import (
     Selection,
     Window,
 )
-from node.model.enums import Activation, Crop, ModelKind, PrecisionRequest, WindowMode
+from node.model.enums import Activation, CpuPrecisionRequest, Crop, ModelKind, PrecisionRequest, WindowMode
 from node.model.tables import Table
 
 PATIENT_DIRECTIONS = set("LRAPSI")
@@ -167,6 +168,18 @@ def _gpu_options(g: Table) -> GpuOptions:
     )
 
 
+def _cpu_options(c: Table, gpu: GpuOptions) -> CpuOptions:
+    """``[cpu]``: the OpenVINO precision and the agreement a BF16 model must reach (``[gpu]``'s when not given)."""
+    max_abs = c.get("max_abs_difference", float, gpu.max_abs_difference)
+    if not 0.0 < max_abs <= 1.0:
+        raise c.fail("max_abs_difference", f"is {max_abs!r}; expected a probability difference in (0, 1]")
+    min_dice = c.get("min_dice", float, gpu.min_dice)
+    if not 0.0 <= min_dice <= 1.0:
+        raise c.fail("min_dice", f"is {min_dice!r}; expected a Dice coefficient in [0, 1]")
+    return CpuOptions(precision=c.choice("precision", CpuPrecisionRequest, CpuPrecisionRequest.AUTO),
+                      max_abs_difference=max_abs, min_dice=min_dice)
+
+
 def load_bundle(directory: Path) -> Bundle:
     """Read and validate ``directory/manifest.toml``."""
     manifest = directory / "manifest.toml"
@@ -188,6 +201,7 @@ def load_bundle(directory: Path) -> Bundle:
     w = top.table("window", required=network)
     post = top.table("postprocess")
     cov = top.table("coverage")
+    gpu = _gpu_options(top.table("gpu"))
     bundle = Bundle(
         name=b.require("name", str),
         version=b.require("version", str),
@@ -224,7 +238,8 @@ def load_bundle(directory: Path) -> Bundle:
         algorithm_name=alg.require("name", str),
         algorithm_family=_code(alg.table("family", required=True)),
         enabled_by_default=b.get("enabled_by_default", bool, True),
-        gpu=_gpu_options(top.table("gpu")),
+        gpu=gpu,
+        cpu=_cpu_options(top.table("cpu"), gpu),
     )
     top.finish()
     return bundle

@@ -3,41 +3,72 @@
 Segmentation runs here, in separate processes, so the receiver's association threads never wait
 behind it. Each worker opens its own index connection; the parent supervises (``WorkerPool``),
 restarts a worker that dies and returns its running job to the queue.
+
+A worker dies with the service: Linux kills it when its parent dies (``PR_SET_PDEATHSIG``), and before
+every claim it checks that its parent is still the service that started it. Its claims carry the
+service's start (its generation, :class:`node.spool.index_jobs.JobOwner`): once a later start owns the
+index, the worker of an earlier one can neither claim nor end a job. A job that meets a shortage that
+may pass (a full disk, memory, file handles, a full index) goes back to the queue with a backoff instead
+of failing; one claimed while free space is below ``node.min_free_disk_mb`` waits without starting.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
+import sqlite3
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from typing import TypeVar
 
 from node import telemetry
 from node.config import NodeConfig
-from node.errors import Declined, NodeError
+from node.errors import Declined, NodeError, Retryable, Superseded
 from node.infer.backends.loader import EngineLoader
 from node.infer.backends.registry import LAST_RESORT
 from node.infer.manifest import discover_bundles
 from node.jobs.pipeline import run_job
 from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
-from node.model.records import JobState
+from node.model.records import JobRecord, JobState
 from node.model.routing import SourceFacts
 from node.send.routing import held_destinations, route_results
 from node.spool.index import Index
+from node.spool.index_jobs import JobOwner
 from node.write.provenance import Provenance
 
 log = logging.getLogger(__name__)
 
-#: A job that has crashed its worker this many times ends failed instead of being retried.
+T = TypeVar("T")
+
+#: A job whose worker has crashed this many times while running it ends failed instead of being retried.
+#: The service stopping or crashing while the job ran does not count (``requeue_after_crash``).
 MAX_JOB_ATTEMPTS = 3
+#: A job that met a shortage that may pass goes back to the queue this long after its first such run,
+#: doubling each time up to the maximum; after RESOURCE_RUN_LIMIT such runs it ends failed (retryable).
+RESOURCE_BACKOFF_S = 5.0
+RESOURCE_BACKOFF_MAX_S = 300.0
+RESOURCE_RUN_LIMIT = 10
+#: A job claimed while free space is below ``node.min_free_disk_mb`` does not start; it is claimed again this
+#: much later, counting neither as an attempt nor as a step of the backoff.
+SPACE_WAIT_S = 10.0
+#: OS errors of a shortage that may pass: a full disk or quota, memory, file handles.
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+#: SQLite's words for the same (SQLITE_FULL, SQLITE_NOMEM, SQLITE_BUSY past the busy timeout).
+RESOURCE_SQLITE = ("disk is full", "out of memory", "database is locked")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: A worker that dies this many times in a row while loading its engines (a TensorRT build that
 #: crashes the process, a driver fault) is restarted without the GPU under engines.backend = "auto";
 #: under "cpu" or "tensorrt" the service stops with the reason.
@@ -61,6 +92,54 @@ class WorkerSpec:
     cfg: NodeConfig
     name: str
     log_level: int
+    parent_pid: int = 0  # the service's pid: a worker whose parent is no longer this process exits (0: unchecked)
+    generation: int = 0  # the start of the service it belongs to, stamped on its claims (0: unchecked)
+
+
+def resource_exhaustion(exc: BaseException) -> bool:
+    """True when ``exc``, or an error it was raised from or while handling, is a shortage that may pass:
+    a full disk or quota, memory, file handles, or an index that is full or locked."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, MemoryError):
+            return True
+        if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+            return True
+        if isinstance(cause, sqlite3.OperationalError) and any(w in str(cause) for w in RESOURCE_SQLITE):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def space_shortage(cfg: NodeConfig) -> str | None:
+    """Why a job may not start writing now: less free space where results go than the receiver's watermark
+    (``node.min_free_disk_mb``); None when there is enough."""
+    if cfg.min_free_disk_mb <= 0:
+        return None
+    where = cfg.results_dir if cfg.results_dir.is_dir() else cfg.state_dir
+    try:
+        free_mb = shutil.disk_usage(where).free // 2**20
+    except OSError:
+        return None
+    if free_mb >= cfg.min_free_disk_mb:
+        return None
+    return (f"waiting for disk space: {free_mb} MB free in {where}, below the {cfg.min_free_disk_mb} MB watermark "
+            "(node.min_free_disk_mb)")
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Have Linux kill this process when its parent dies (``PR_SET_PDEATHSIG``); return whether the parent is
+    still ``parent_pid`` (it may have died before the request was made; 0 checks nothing)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as exc:  # the parent-identity check before each claim remains
+            log.warning("this worker cannot ask to be killed with the service (prctl PR_SET_PDEATHSIG): %s", exc)
+    return parent_pid == 0 or os.getppid() == parent_pid
 
 
 @dataclass(frozen=True)
@@ -89,9 +168,13 @@ def load_engines(factory: EngineLoader, bundles: dict[str, Bundle], worker: str)
 
 def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
                  reports: mp.Queue[EngineReport]) -> None:
+    orphaned = not die_with_parent(spec.parent_pid)  # first: the service may be killed at any moment
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s {spec.name} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if orphaned:
+        log.error("the service (pid %d) that started this worker is gone; exiting", spec.parent_pid)
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     # SIGTERM (for example a signal to the whole process group) only raises a flag: setting the
     # multiprocessing Event from a signal handler can deadlock on the lock that stop.wait() holds.
@@ -103,19 +186,97 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
     bundles = {b.id: b for b in discover_bundles(cfg.bundles_dir, cfg.bundles)}
     factory = EngineLoader.from_config(cfg)
     reports.put(load_engines(factory, bundles, spec.name))
-    while not stop.is_set() and not terminating:
-        job = index.claim_job(spec.name)
+    worker = _Worker(spec, index, bundles, factory, lambda: stop.is_set() or bool(terminating))
+    claim_failure = ""
+    while not worker.stopping():
+        try:
+            job = index.claim_job(spec.name, generation=spec.generation or None)
+        except Superseded as exc:
+            log.error("%s; exiting", exc)
+            break
+        except sqlite3.OperationalError as exc:  # a full or locked index: no job is lost by waiting
+            if str(exc) != claim_failure:
+                log.error("cannot claim a job: %s; trying again every second (logged once)", exc)
+                claim_failure = str(exc)
+            stop.wait(1.0)
+            continue
+        claim_failure = ""
         if job is None:
             stop.wait(0.2)
             continue
-        bundle = bundles.get(job.bundle)
+        try:
+            worker.run(job)
+        except Superseded as exc:
+            log.error("%s; exiting", exc)
+            break
+    factory.close()
+    index.close()
+
+
+class _Worker:
+    """Runs claimed jobs in a worker process and records their outcomes."""
+
+    def __init__(self, spec: WorkerSpec, index: Index, bundles: dict[str, Bundle], factory: EngineLoader,
+                 told_to_stop: Callable[[], bool]) -> None:
+        self.spec = spec
+        self.cfg = spec.cfg
+        self.index = index
+        self.bundles = bundles
+        self.factory = factory
+        self._told_to_stop = told_to_stop
+        self.owner = JobOwner(spec.name, spec.generation) if spec.generation else None
+        self._orphaned = False
+
+    def stopping(self) -> bool:
+        """Told to stop, or orphaned: the service that started this worker is no longer its parent."""
+        if self.spec.parent_pid and os.getppid() != self.spec.parent_pid:
+            if not self._orphaned:
+                log.error("the service (pid %d) that started this worker is gone; exiting", self.spec.parent_pid)
+            self._orphaned = True
+            return True
+        return self._told_to_stop()
+
+    def record(self, job_id: int, what: str, write: Callable[[], T]) -> T | None:
+        """Write a job's outcome to the index. While the index cannot be written (a full disk, a lock held
+        past the busy timeout), try again with a growing pause, logged once; None when told to stop first
+        (the next start requeues the job, uncounted)."""
+        pause, failure = 0.5, ""
+        while True:
+            try:
+                result = write()
+            except sqlite3.OperationalError as exc:
+                if not resource_exhaustion(exc):  # a fault, not a shortage: the supervisor sees the worker die
+                    raise
+                if not failure:
+                    log.error("job %d: cannot record that it %s: %s; trying again until the index can be "
+                              "written (logged once)", job_id, what, exc)
+                failure = str(exc)
+                if self.stopping():
+                    return None
+                time.sleep(pause)
+                pause = min(2 * pause, 10.0)
+                continue
+            if failure:
+                log.info("job %d: recorded that it %s, after %s", job_id, what, failure)
+            return result
+
+    def run(self, job: JobRecord) -> None:
+        index, cfg, owner = self.index, self.cfg, self.owner
+        bundle = self.bundles.get(job.bundle)
         if bundle is None:
-            index.fail_job(job.id, f"bundle {job.bundle} is not installed in {cfg.bundles_dir}")
-            continue
+            why = f"bundle {job.bundle} is not installed in {cfg.bundles_dir}"
+            self.record(job.id, "failed", lambda: index.fail_job(job.id, why, owner=owner, retryable=True))
+            return
+        if (short := space_shortage(cfg)) is not None:
+            log.warning("job %d does not start: %s", job.id, short)
+            self.record(job.id, "waits for disk space", lambda: index.defer_job(
+                job.id, short, ran=False, backoff_s=SPACE_WAIT_S, max_backoff_s=SPACE_WAIT_S,
+                give_up_after=RESOURCE_RUN_LIMIT, owner=owner))
+            return
         started = time.time()
         log.info("job %d: %s on series %s (attempt %d)", job.id, bundle.id, job.series_uid, job.attempts)
         try:
-            engine = factory.get(bundle).engine
+            engine = self.factory.get(bundle).engine
             paths = index.instance_paths(job.series_uid)
             outcome = run_job(
                 paths,
@@ -133,32 +294,33 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
             )
         except Declined as exc:
             log.info("job %d declined: %s", job.id, exc)
-            index.fail_job(job.id, str(exc), state=JobState.DECLINED)
-            continue
-        except NodeError as exc:
-            log.error("job %d failed: %s", job.id, exc)
-            index.fail_job(job.id, str(exc))
-            continue
-        except Exception as exc:  # a bug or a library failure: record it, keep the worker alive
-            log.exception("job %d failed unexpectedly", job.id)
-            index.fail_job(job.id, f"unexpected {type(exc).__name__}: {exc}")
-            continue
+            why = str(exc)
+            self.record(job.id, "was declined", lambda: index.fail_job(job.id, why, state=JobState.DECLINED,
+                                                                       owner=owner))
+            return
+        except Exception as exc:  # every failure is recorded; the worker stays alive
+            self.failed(job, exc)
+            return
         timings = dict(outcome.timings, total=round(time.time() - started, 3))
         series = index.series(job.series_uid)
         facts = SourceFacts.of(series) if series is not None else SourceFacts("", "", "", "")
         routed = route_results(cfg.destinations, bundle.name, outcome.objects, facts)
         held = held_destinations(cfg, bundle.name, routed.outbox)
-        ended = index.finish_job(
+        note = routed.note + (f"; held for review: {', '.join(sorted(held))}" if held else "")
+        ended = self.record(job.id, "is done", lambda: index.finish_job(
             job.id,
             result_dir=str(outcome.objects[0].path.parent) if outcome.objects else "",
             timings=json.dumps(timings),
             outbox=routed.outbox,
-            note=routed.note,
+            note=note,
             held=held,
             structures=outcome.volumes,
-        )
+            owner=owner,
+        ))
+        if ended is None:
+            return
         telemetry.job_timings(bundle.id, timings)
-        log.info("job %d: %s", job.id, routed.note)
+        log.info("job %d: %s", job.id, note)
         if ended is JobState.AWAITING_REVIEW:
             log.info("job %d awaits review: the copies for %s are held until a reviewer approves them",
                      job.id, ", ".join(sorted(held)))
@@ -170,16 +332,38 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
             timings["total"],
             timings,
         )
-    factory.close()
-    index.close()
+
+    def failed(self, job: JobRecord, exc: Exception) -> None:
+        """Record a failed run: back to the queue with a backoff for a shortage that may pass, else failed."""
+        index, owner = self.index, self.owner
+        if isinstance(exc, Retryable) or resource_exhaustion(exc):
+            reason = f"resources ran out: {exc}" if not isinstance(exc, NodeError) else str(exc)
+            ended = self.record(job.id, "met a shortage", lambda: index.defer_job(
+                job.id, reason, ran=True, backoff_s=RESOURCE_BACKOFF_S, max_backoff_s=RESOURCE_BACKOFF_MAX_S,
+                give_up_after=RESOURCE_RUN_LIMIT, owner=owner))
+            if ended is not None and ended[0] is JobState.QUEUED:
+                log.warning("job %d: %s; back in the queue, tries again in %.0f s", job.id, reason,
+                            ended[1] - time.time())
+            elif ended is not None:
+                log.error("job %d failed: %s; gave up after %d runs (`retry --job %d` runs it again)", job.id,
+                          reason, RESOURCE_RUN_LIMIT, job.id)
+            return
+        if isinstance(exc, NodeError):
+            log.error("job %d failed: %s", job.id, exc)
+            error = str(exc)
+        else:  # a bug or a library failure: record it, keep the worker alive
+            log.error("job %d failed unexpectedly", job.id, exc_info=exc)
+            error = f"unexpected {type(exc).__name__}: {exc}"
+        self.record(job.id, "failed", lambda: index.fail_job(job.id, error, owner=owner))
 
 
 class WorkerPool:
     """Starts ``cfg.workers`` worker processes and keeps them running."""
 
-    def __init__(self, cfg: NodeConfig, index: Index) -> None:
+    def __init__(self, cfg: NodeConfig, index: Index, generation: int = 0) -> None:
         self.cfg = cfg
         self.index = index
+        self.generation = generation  # this start of the service (Index.begin_generation); 0: unchecked
         self._ctx = mp.get_context("spawn")
         self._stop = self._ctx.Event()
         self._reports: mp.Queue[EngineReport] = self._ctx.Queue()
@@ -197,7 +381,8 @@ class WorkerPool:
     def _spawn(self, name: str) -> None:
         self.reports.pop(name, None)  # this incarnation has not loaded its engines yet
         cfg = self._worker_cfg.get(name, self.cfg)
-        spec = WorkerSpec(cfg=cfg, name=f"{name}-{os.getpid()}", log_level=logging.getLogger().level)
+        spec = WorkerSpec(cfg=cfg, name=f"{name}-{os.getpid()}", log_level=logging.getLogger().level,
+                          parent_pid=os.getpid(), generation=self.generation)
         proc = self._ctx.Process(target=_worker_main, args=(spec, self._stop, self._reports), name=name, daemon=False)
         proc.start()
         self._procs[name] = proc
@@ -265,7 +450,8 @@ class WorkerPool:
         return [p.pid for p in self._procs.values() if p.pid is not None]
 
 
-def requeue_after_crash(index: Index) -> list[int]:
-    """At service start no worker runs yet: every 'running' job was abandoned by a crash."""
-    return index.requeue_running(max_attempts=MAX_JOB_ATTEMPTS, reason="the service stopped while this job ran")
+def requeue_after_crash(index: Index, generation: int) -> list[int]:
+    """At service start (``generation``) no worker runs yet: every 'running' job was abandoned by an earlier
+    start that stopped or crashed. That is not the job's fault: it goes back to the queue uncounted."""
+    return index.requeue_abandoned(generation, reason="the service stopped while this job ran")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.model.enums import Activation, Crop, ModelKind, PrecisionRequest, WindowMode
+from node.model.enums import Activation, CpuPrecisionRequest, Crop, ModelKind, PrecisionRequest, WindowMode
 
 #: Built-in (rule-based) algorithms a bundle may name, and the label values each produces.
 BUILTIN_ALGORITHMS = {"body-lungs": (1, 2, 3)}
@@ -115,6 +115,17 @@ class GpuOptions:
 
 
 @dataclass(frozen=True)
+class CpuOptions:
+    """How an OpenVINO model of this network is compiled for the CPU (see node/infer/cpu/precision.py)."""
+
+    precision: CpuPrecisionRequest = CpuPrecisionRequest.AUTO  # AUTO: BF16 on AMX / AVX-512 BF16, else FP32
+    #: Agreement with ONNX Runtime FP32 a BF16 model must reach (node/infer/cpu/agreement.py); the manifest
+    #: takes them from ``[gpu]`` when ``[cpu]`` does not give them.
+    max_abs_difference: float = 0.05
+    min_dice: float = 0.99
+
+
+@dataclass(frozen=True)
 class Bundle:
     name: str
     version: str
@@ -138,6 +149,7 @@ class Bundle:
     #: Run when the configuration names no bundles; an example or test bundle says false.
     enabled_by_default: bool = True
     gpu: GpuOptions = GpuOptions()
+    cpu: CpuOptions = CpuOptions()
 
     @property
     def id(self) -> str:

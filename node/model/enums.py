@@ -17,6 +17,7 @@ class EngineBackend(enum.StrEnum):
     AUTO = "auto"  # the first available in the registry's preference order (the GPU first, the CPU last)
     CPU = "cpu"  # ONNX Runtime on the CPU; the GPU is never touched
     TENSORRT = "tensorrt"  # the GPU or nothing: the service does not start without it
+    OPENVINO = "openvino"  # OpenVINO on the CPU (BF16 on AMX / AVX-512 BF16 units); "auto" tries it before "cpu"
 
 
 class ModelKind(enum.StrEnum):
@@ -56,6 +57,14 @@ class PrecisionRequest(enum.StrEnum):
     BF16 = "bf16"
 
 
+class CpuPrecisionRequest(enum.StrEnum):
+    """``[cpu] precision``: what a bundle asks of an OpenVINO compile (node/infer/cpu/precision.py decides)."""
+
+    AUTO = "auto"  # BF16 where the CPU has AMX-BF16 or AVX-512 BF16 units, else FP32
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 class SegType(enum.StrEnum):
     """``output.seg_type``: the DICOM-SEG Segmentation Type (highdicom's ``SegmentationTypeValues``)."""
 
@@ -67,6 +76,29 @@ class DestinationType(enum.StrEnum):
     """``destinations[].type``: the transport that delivers results (node/send/transports)."""
 
     DICOM = "dicom"  # C-STORE (DIMSE), optionally over TLS
+    DICOMWEB = "dicomweb"  # STOW-RS (PS3.18 10.5): one multipart/related POST per result
+
+
+class WebAuth(enum.StrEnum):
+    """How a DICOMweb destination is authenticated (the secret is read from a file, never the config)."""
+
+    NONE = "none"
+    BASIC = "basic"
+    BEARER = "bearer"
+
+
+class TimeoutAction(enum.StrEnum):
+    """``completeness.on_timeout``: what becomes of a series still short of instances after ``max_wait_s``."""
+
+    PROCEED = "proceed"  # segment what arrived
+    IGNORE = "ignore"  # leave it alone (its note says why)
+
+
+class VerifyMode(enum.StrEnum):
+    """How a destination's storage of a sent object is confirmed (a Success status alone does not prove it)."""
+
+    NONE = "none"  # the peer's Success is taken as stored
+    FIND = "find"  # ask for each SOP Instance UID afterwards: C-FIND at IMAGE level, or QIDO-RS for DICOMweb
 
 
 class ObjectKind(enum.StrEnum):

@@ -121,3 +121,6 @@ class OutboxItem:
     last_status: str
     route: str = ""  # why this destination takes this object (its routing, as a phrase)
     last_attempt_at: float | None = None
+    sent_at: float | None = None
+    verified_at: float | None = None  # verify = "find": when the destination was seen to hold it
+    resends: int = 0  # times the destination did not hold it in time (each then sent again, or the last dead)

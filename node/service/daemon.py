@@ -6,6 +6,10 @@ thread for the outbox and, with ``metrics.port`` set, the HTTP port (``node.serv
 /healthz, /readyz). Worker processes run the segmentation.
 SIGTERM/SIGINT: stop accepting associations, let workers finish their current job (or abandon it
 to the queue after a timeout), and exit; everything acknowledged is already durable.
+
+Each start records itself in the index inside the state directory's lock (its *generation*); its workers'
+claims carry it, so that workers left behind by a killed start can neither claim nor end a job, and the
+jobs such a start left running go back to the queue without counting against their attempts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING
 
 from node import telemetry
+from node.assemble.completeness import Completeness, counter_for
 from node.assemble.stable import Assembler
 from node.config import NodeConfig, check_bundle_names
 from node.dicom.scp import Receiver
@@ -41,6 +46,46 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOOP_INTERVAL_S = 0.25
+#: A step that keeps failing for the same cause is logged again, with its count, at most this often.
+REPEAT_LOG_S = 60.0
+
+
+class StepFailures:
+    """Logs a failing main-loop step once per distinct cause, with its traceback, then only counts repeats.
+
+    A full disk fails the same step four times a second; one traceback and a count say as much as hundreds.
+    A summary with the count is logged when the cause changes, when the step recovers, and every
+    :data:`REPEAT_LOG_S` while it persists.
+    """
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self.log = logger
+        self._cause: dict[str, str] = {}
+        self._count: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def failed(self, step: str, exc: BaseException) -> None:
+        cause = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if self._cause.get(step) != cause:
+            self._summarise(step, "then failed for another cause")
+            self._cause[step], self._count[step], self._logged_at[step] = cause, 1, now
+            self.log.error("%s step failed; will try again every turn (repeats of this cause are counted, not "
+                           "logged): %s", step, cause, exc_info=exc)
+            return
+        self._count[step] += 1
+        if now - self._logged_at[step] >= REPEAT_LOG_S:
+            self._logged_at[step] = now
+            self.log.error("%s step still failing: %s (%d times so far)", step, cause, self._count[step])
+
+    def succeeded(self, step: str) -> None:
+        self._summarise(step, "recovered")
+
+    def _summarise(self, step: str, what: str) -> None:
+        cause = self._cause.pop(step, None)
+        if cause is not None:
+            self.log.warning("%s step %s after failing %d time(s) with %s", step, what, self._count.pop(step, 0),
+                             cause)
 
 
 def lock_state_dir(state_dir: Path) -> IO[str]:
@@ -78,12 +123,17 @@ class Service:
         self._lock_file = lock_state_dir(cfg.state_dir)
         self.spool = Spool(cfg.spool_dir)
         self.index = Index(cfg.index_path)
+        # Inside the lock: this start's generation, stamped on every claim of its workers.
+        self.generation = self.index.begin_generation(os.getpid())
+        self._failures = StepFailures()
         self.bundles = discover_bundles(cfg.bundles_dir, cfg.bundles)
         check_bundle_names(cfg, [b.name for b in self.bundles])
         self.receiver = Receiver(cfg, self.spool, self.index)
-        self.assembler = Assembler(self.index, self.bundles, cfg.rules)
+        counter = counter_for(cfg)
+        self.assembler = Assembler(self.index, self.bundles, cfg.rules,
+                                   Completeness(cfg.completeness, counter) if counter is not None else None)
         self.sender = Sender(cfg, self.index)
-        self.workers = WorkerPool(cfg, self.index)
+        self.workers = WorkerPool(cfg, self.index, self.generation)
         self.retention = Retention(cfg, self.index)
         self.http: HttpServer | None = None
 
@@ -97,7 +147,7 @@ class Service:
         # must go, not be indexed again as a new series (see node.spool.retention).
         self.retention.finish_pending()
         reconcile(self.spool, self.index, quiet_period_s=self.cfg.quiet_period_s)
-        requeued = requeue_after_crash(self.index)
+        requeued = requeue_after_crash(self.index, self.generation)
         if removed or requeued:
             log.warning("recovered after an unclean stop: %d partial file(s) removed, job(s) %s requeued",
                         removed, requeued or "none")
@@ -193,15 +243,20 @@ class Service:
         for name, action in actions:
             try:
                 action()
-            except Exception:
-                log.exception("%s step failed; will try again", name)
+            except Exception as exc:  # logged once per distinct cause, with a count
+                self._failures.failed(name, exc)
+            else:
+                self._failures.succeeded(name)
 
     def _send_loop(self) -> None:
+        failures = StepFailures()  # this thread's own: StepFailures is not shared between threads
         while not self.stop_event.is_set():
             try:
                 self.sender.poll()
-            except Exception:
-                log.exception("send step failed; will try again")
+            except Exception as exc:
+                failures.failed("send", exc)
+            else:
+                failures.succeeded("send")
             self.stop_event.wait(LOOP_INTERVAL_S)
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:

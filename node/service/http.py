@@ -38,6 +38,7 @@ from node.config import NodeConfig
 from node.errors import ConfigError
 from node.service.index_metrics import IndexCollector
 from node.service.readiness import EngineReports, readiness
+from node.service.stow_in import stow_routes
 from node.spool.index import Index
 from node.spool.queries import review_queue
 from node.web.app import web_middleware, web_routes
@@ -71,7 +72,8 @@ def build_app(cfg: NodeConfig, index: Index, registry: CollectorRegistry, report
         return Response(json.dumps(body, indent=1) + "\n", status_code=503 if failed else 200,
                         media_type="application/json")
 
-    routes: list[BaseRoute] = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz)]
+    routes: list[BaseRoute] = [Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz),
+                               *stow_routes(cfg, index)]
     if not cfg.web.enabled:
         return Starlette(routes=routes)
     return Starlette(routes=routes + web_routes(cfg, index), middleware=web_middleware(cfg))

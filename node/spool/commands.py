@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node.config import NodeConfig
-from node.errors import Permanent
+from node.errors import Conflict, NotFound, Permanent
 from node.model.records import UNFINISHED_JOBS, JobRecord, JobState, ReviewDecision, ReviewRecord, SeriesState
 from node.spool.index import Index
 
@@ -49,6 +49,43 @@ def decide_review(index: Index, job_id: int, decision: ReviewDecision, *, review
 def retry_dead_letters(index: Index, now: float | None = None) -> int:
     """Queue every dead-lettered outbox item for sending again (at ``now``); return how many."""
     return index.retry_dead(now=time.time() if now is None else now)
+
+
+def retry_jobs(index: Index, job_ids: Sequence[int] = (), series_uid: str | None = None,
+               now: float | None = None) -> list[int]:
+    """Queue failed jobs to run again from the start (``retry --job ID`` / ``--series UID``); return their ids.
+
+    ``job_ids`` names failed jobs; ``series_uid`` takes, for each bundle, the series' newest job when it
+    failed (an older failure that a later job superseded is not run again). Raises :class:`NotFound` for an
+    unknown job or series, or a series whose instances retention has deleted, and :class:`Conflict` for a
+    job that did not fail (done, queued, running, declined, awaiting or after review) or a series without a
+    failed job; nothing is queued then.
+    """
+    chosen: list[JobRecord] = []
+    for job_id in job_ids:
+        job = index.job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} is not in the index {index.path}")
+        if job.state is not JobState.FAILED:
+            raise Conflict(f"job {job_id} is {job.state.value}, not failed: only a failed job can be run again"
+                           + (" (a declined bundle does not apply to the series)" if job.state is JobState.DECLINED
+                              else ""))
+        chosen.append(job)
+    if series_uid is not None:
+        if index.series(series_uid) is None:
+            raise NotFound(f"series {series_uid} is not in the index {index.path}")
+        jobs = index.series_jobs(series_uid)
+        newest = {j.bundle: j for j in jobs}  # by id, oldest first: the newest job of each bundle wins
+        failed = [j for j in newest.values() if j.state is JobState.FAILED]
+        if not failed:
+            states = ", ".join(f"job {j.id} {j.state.value}" for j in newest.values()) or "no jobs"
+            raise Conflict(f"series {series_uid} has no failed job to run again (newest per bundle: {states})")
+        chosen.extend(j for j in failed if j.id not in {c.id for c in chosen})
+    for job in chosen:
+        if not index.instance_paths(job.series_uid):
+            raise NotFound(f"job {job.id}: the instances of series {job.series_uid} are no longer stored (retention "
+                           "deleted them); the sender must send the series again")
+    return index.requeue_failed([j.id for j in chosen], now=time.time() if now is None else now)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ state, destination reach, a write probe).
 
 from __future__ import annotations
 
+from node.spool.index_completeness import CompletenessRows
 from node.spool.index_counts import CountRows, DestinationReach
 from node.spool.index_db import SCHEMA, IndexDb
 from node.spool.index_instances import InstanceRows
@@ -25,5 +26,5 @@ from node.spool.index_series import SeriesRows
 __all__ = ["SCHEMA", "DeletedSeries", "DestinationReach", "Index", "IndexDb", "SeriesUsage"]
 
 
-class Index(InstanceRows, SeriesRows, JobRows, OutboxRows, RetentionRows, CountRows, ReviewRows):
+class Index(InstanceRows, SeriesRows, JobRows, OutboxRows, RetentionRows, CountRows, ReviewRows, CompletenessRows):
     """Instances, series, jobs and the outbox, in one SQLite file."""

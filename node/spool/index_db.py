@@ -104,6 +104,15 @@ ADDED_COLUMNS = (
     ("outbox", "route", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "last_attempt_at", "REAL"),
     ("jobs", "structures", "TEXT NOT NULL DEFAULT ''"),  # JSON: [[name, volume in mL], ...]
+    ("outbox", "verified_at", "REAL"),  # verify = "find": when the destination was seen to hold it
+    ("outbox", "resends", "INTEGER NOT NULL DEFAULT 0"),  # sent again because it was not found in time
+    ("series", "forced", "INTEGER NOT NULL DEFAULT 0"),  # `complete SERIES_UID`: settle it, counts or not
+    ("jobs", "generation", "INTEGER NOT NULL DEFAULT 0"),  # the service start whose worker claimed it (service_runs)
+    ("jobs", "crashes", "INTEGER NOT NULL DEFAULT 0"),  # attempts that ended in a crash of their worker
+    ("jobs", "not_before", "REAL NOT NULL DEFAULT 0"),  # a job put back for lack of resources waits until then
+    ("jobs", "deferrals", "INTEGER NOT NULL DEFAULT 0"),  # runs ended by resource exhaustion (the backoff's step)
+    ("jobs", "retryable", "INTEGER NOT NULL DEFAULT 0"),  # 1: a failure that `retry --job` could fix
+    ("series", "refused_at", "REAL NOT NULL DEFAULT 0"),  # last instance refused for resources (0xA700); 0: none
 )
 
 

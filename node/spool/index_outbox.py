@@ -54,6 +54,28 @@ class OutboxRows(IndexDb):
                     (status, now, retry_at, item_id),
                 )
 
+    # ------------------------------------------------------------------ verification
+    def unverified(self, destination: str, sent_before: float, limit: int = 200) -> list[OutboxItem]:
+        """Objects sent to ``destination`` before ``sent_before`` and not yet seen there, oldest first."""
+        rows = self._query(
+            "SELECT * FROM outbox WHERE destination=? AND state=? AND verified_at IS NULL AND sent_at <= ? "
+            "ORDER BY sent_at LIMIT ?", (destination, OutboxState.SENT.value, sent_before, limit))
+        return [_outbox(r) for r in rows]
+
+    def mark_verified(self, item_id: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET verified_at=? WHERE id=? AND state=?", (now, item_id, OutboxState.SENT.value))
+
+    def resend_unverified(self, item_id: int, status: str, *, give_up: bool, now: float | None = None) -> None:
+        """A sent object was not found at the destination in time: send it again (same file, same UIDs), or
+        (``give_up``) dead-letter it with ``status``."""
+        now = time.time() if now is None else now
+        state = OutboxState.DEAD if give_up else OutboxState.PENDING
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state=?, resends=resends+1, next_attempt_at=?, last_status=? "
+                       "WHERE id=? AND state=?", (state.value, now, status, item_id, OutboxState.SENT.value))
+
     def outbox(self, limit: int = 200) -> list[OutboxItem]:
         return [_outbox(r) for r in self._query("SELECT * FROM outbox ORDER BY id DESC LIMIT ?", (limit,))]
 
@@ -106,4 +128,7 @@ def _outbox(r: sqlite3.Row) -> OutboxItem:
         last_status=r["last_status"],
         route=r["route"],
         last_attempt_at=r["last_attempt_at"],
+        sent_at=r["sent_at"],
+        verified_at=r["verified_at"],
+        resends=r["resends"],
     )

@@ -1,9 +1,16 @@
-"""The index's series: settling, their state, and reading them back."""
+"""The index's series: settling, their state, and reading them back.
+
+A series some of whose instances were refused for lack of resources (0xA700: the disk at the watermark)
+is incomplete: ``refused_at`` records the last refusal, and :meth:`SeriesRows.settled_series` holds such a
+series back until an association sends it without refusals (the sender sent the rest again) or the hold
+the assembler gives has passed.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Collection
 
 from node.model.records import SeriesRecord, SeriesState
 from node.spool.index_db import IndexDb
@@ -12,21 +19,42 @@ from node.spool.index_db import IndexDb
 class SeriesRows(IndexDb):
     """Series: settle, change state, read."""
 
-    def settle_sooner(self, series_uids: set[str], settle_s: float, now: float | None = None) -> None:
-        """An association that sent these series was released: let them settle after ``settle_s``."""
+    def settle_sooner(self, series_uids: set[str], settle_s: float, now: float | None = None, *,
+                      refused: Collection[str] = ()) -> None:
+        """An association that sent these series ended: let them settle after ``settle_s``, except those in
+        ``refused`` (it ended with some of their instances refused for resources), which wait for the rest.
+
+        An association that sent a series without refusals (the sender sent the refused instances again)
+        lifts the wait.
+        """
         now = time.time() if now is None else now
         with self._tx() as db:
-            for uid in series_uids:
+            for uid in set(series_uids) - set(refused):
                 db.execute(
-                    "UPDATE series SET settle_at = MIN(settle_at, ?) WHERE series_uid=? AND state=?",
+                    "UPDATE series SET settle_at = MIN(settle_at, ?), refused_at = 0 WHERE series_uid=? AND state=?",
                     (now + settle_s, uid, SeriesState.RECEIVING.value),
                 )
+        if refused:
+            self.note_refused(refused, now)
 
-    def settled_series(self, now: float | None = None) -> list[SeriesRecord]:
+    def note_refused(self, series_uids: Collection[str], now: float | None = None) -> None:
+        """Instances of these series were refused for lack of resources (0xA700): they wait for the sender to
+        send them again (the note of a series still receiving says so)."""
+        now = time.time() if now is None else now
+        at = time.strftime("%H:%M:%S", time.localtime(now))
+        note = f"instance(s) refused for lack of resources (0xA700) at {at}: waiting for the sender to send them again"
+        with self._tx() as db:
+            for uid in series_uids:
+                db.execute("UPDATE series SET refused_at=?, note=CASE WHEN state=? THEN ? ELSE note END "
+                           "WHERE series_uid=?", (now, SeriesState.RECEIVING.value, note, uid))
+
+    def settled_series(self, now: float | None = None, *, refused_hold_s: float = 0.0) -> list[SeriesRecord]:
+        """Series quiet long enough to dispatch; one with refused instances only ``refused_hold_s`` after the
+        last refusal (unless an association has since sent it without refusals)."""
         now = time.time() if now is None else now
         rows = self._query(
-            "SELECT * FROM series WHERE state=? AND settle_at <= ? ORDER BY last_received",
-            (SeriesState.RECEIVING.value, now),
+            "SELECT * FROM series WHERE state=? AND settle_at <= ? AND refused_at <= ? ORDER BY last_received",
+            (SeriesState.RECEIVING.value, now, now - refused_hold_s),
         )
         return [_series(r) for r in rows]
 

@@ -37,16 +37,37 @@ class JobStatus:
     job: JobRecord
     timings: str
     review: ReviewRecord | None = None  # the reviewer's decision, for a job that was held for review
+    retryable: bool = False  # failed in a way that running it again could fix (a shortage, crashes, no bundle)
+    superseded_by: int | None = None  # a failed job: a later job of its series and bundle that succeeded
 
     @property
     def detail(self) -> str:
         """What went wrong, or else how long the steps took: the ``error / timings`` column (with the
-        review's decision, or that one is awaited)."""
+        review's decision, or that one is awaited; for a failure, whether a later job superseded it or a
+        retry could fix it)."""
         if self.job.state is JobState.AWAITING_REVIEW:
             return "awaiting review (dicom-seg-node review approve|reject JOB); " + self.timings
         if self.review is not None and self.review.decision.value == "approved":
             return f"{review_phrase(self.review)}; {self.timings}"
+        if self.superseded_by is not None:
+            return f"superseded by job {self.superseded_by}, which succeeded; was: {self.job.error}"
+        if self.retryable:
+            return f"{self.job.error} (a retry could fix this: dicom-seg-node retry --job {self.job.id})"
         return self.job.error or self.timings
+
+
+def superseding(jobs: list[JobRecord]) -> dict[int, int]:
+    """Failed job id → the id of a later job of the same series and bundle that succeeded (done or held for
+    review): a failure it made good, such as a series dispatched before all its instances had arrived."""
+    found: dict[int, int] = {}
+    later: dict[tuple[str, str], int] = {}
+    for job in sorted(jobs, key=lambda j: j.id, reverse=True):
+        key = (job.series_uid, job.bundle)
+        if job.state in (JobState.DONE, JobState.AWAITING_REVIEW):
+            later.setdefault(key, job.id)
+        elif job.state is JobState.FAILED and key in later:
+            found[job.id] = later[key]
+    return found
 
 
 def review_phrase(review: ReviewRecord) -> str:
@@ -91,7 +112,8 @@ class StatusReport:
         """The report as ``status --json`` prints it: JSON-ready (enums as values, paths as text)."""
         return {
             "series": [s.__dict__ | {"state": s.state.value} for s in self.series],
-            "jobs": [j.job.__dict__ | {"state": j.job.state.value,
+            "jobs": [j.job.__dict__ | {"state": j.job.state.value, "retryable": j.retryable,
+                                       "superseded_by": j.superseded_by,
                                        "structures": [s.__dict__ for s in j.job.structures],
                                        "review": None if j.review is None else
                                        j.review.__dict__ | {"decision": j.review.decision.value}}
@@ -107,7 +129,10 @@ def status_report(cfg: NodeConfig, index: Index, limit: int = DEFAULT_LIMIT, now
     kept = figures(cfg, index, now=now)
     recent = index.jobs(limit)
     reviews = {r.job_id: r for r in index.reviews([j.id for j in recent])}
-    jobs = [JobStatus(job=j, timings=index.job_timings(j.id), review=reviews.get(j.id)) for j in recent]
+    retryable = index.retryable_jobs([j.id for j in recent])
+    superseded = superseding(recent)
+    jobs = [JobStatus(job=j, timings=index.job_timings(j.id), review=reviews.get(j.id), retryable=j.id in retryable,
+                      superseded_by=superseded.get(j.id)) for j in recent]
     return StatusReport(
         instance_count=index.instance_count(),
         series=index.all_series(),

@@ -61,7 +61,7 @@ class _ZerosBackend:
 
 def test_auto_prefers_the_gpu_and_ends_on_the_cpu() -> None:
     auto = registry.candidates(EngineBackend.AUTO)
-    assert [b.name for b in auto] == [EngineBackend.TENSORRT, EngineBackend.CPU]
+    assert [b.name for b in auto] == [EngineBackend.TENSORRT, EngineBackend.OPENVINO, EngineBackend.CPU]
     assert [b.name for b in registry.candidates(EngineBackend.CPU)] == [EngineBackend.CPU]
     assert registry.LAST_RESORT is auto[-1].name
     assert registry.is_strict(EngineBackend.TENSORRT) and not registry.is_strict(EngineBackend.CPU)
@@ -87,7 +87,8 @@ def test_a_registered_backend_is_used_first_under_auto(monkeypatch: pytest.Monke
 
 def test_an_unavailable_backend_falls_through_once_with_its_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(registry, "BACKENDS", (_ZerosBackend(False), *registry.BACKENDS[1:]))
+    # The zeros backend, then ONNX Runtime (OpenVINO's own place in the order: test_openvino_backend.py).
+    monkeypatch.setattr(registry, "BACKENDS", (_ZerosBackend(False), registry.backend(EngineBackend.CPU)))
     loader = EngineLoader(EngineBackend.AUTO, BackendSettings(tmp_path))
     with caplog.at_level(logging.WARNING):
         engines = [loader.get(load_bundle(ENGINES / name)).engine for name in ("body-threshold", "liver")]

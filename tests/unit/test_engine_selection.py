@@ -1,9 +1,10 @@
 """Which engine a bundle gets under each ``engines.backend``, on a machine without a GPU or TensorRT
-(the CI machine): "auto" falls back to ONNX Runtime and says why once, "tensorrt" refuses, "cpu"
-never touches the GPU code."""
+(the CI machine): "auto" falls back to the CPU (OpenVINO where it is installed, else ONNX Runtime) and
+says why once, "tensorrt" refuses, "cpu" never touches the GPU code."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from node.config import NodeConfig
 from node.errors import InferenceError
 from node.infer.backends.loader import EngineLoader
 from node.infer.backends.onnxrt import OnnxRuntimeEngine
+from node.infer.backends.openvino import OpenVinoEngine
+from node.infer.backends.openvino import status as openvino_status
 from node.infer.manifest import discover_bundles
 from node.jobs.worker import load_engines
-from node.model.enums import EngineBackend
+from node.model.enums import CpuPrecisionRequest, EngineBackend
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINES = REPO / "engines"
@@ -41,15 +44,24 @@ def bundles(*names: str):
     return discover_bundles(ENGINES, names)
 
 
-def test_auto_falls_back_to_onnxruntime_and_says_why_once(caplog: pytest.LogCaptureFixture) -> None:
-    factory = EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.AUTO))
+def test_auto_falls_back_to_the_cpu_and_says_why_once(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    openvino = openvino_status().available
+    factory = EngineLoader.from_config(NodeConfig(bundles_dir=ENGINES, engine_backend=EngineBackend.AUTO,
+                                                  state_dir=tmp_path))
+    # The liver at FP32: the fallback is the point here, not its BF16 check (test_openvino_backend.py).
+    found = [dataclasses.replace(b, cpu=dataclasses.replace(b.cpu, precision=CpuPrecisionRequest.FP32))
+             for b in bundles("body-threshold", "liver")]
     with caplog.at_level(logging.WARNING, logger="node.infer.backends.loader"):
-        loaded = [factory.get(b) for b in bundles("body-threshold", "liver")]
-    assert all(isinstance(x.engine, OnnxRuntimeEngine) for x in loaded)
-    assert all(x.description == "ONNX Runtime on the CPU" for x in loaded)
+        loaded = [factory.get(b) for b in found]
+    runner = "OpenVINO" if openvino else "ONNX Runtime"
+    assert all(isinstance(x.engine, OpenVinoEngine if openvino else OnnxRuntimeEngine) for x in loaded)
+    assert all(x.description.startswith(f"{runner} ") and "on the CPU" in x.description for x in loaded)
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1, warnings  # two bundles, one reason: logged once
-    assert "ONNX Runtime runs on the CPU" in warnings[0] and "pip install '.[gpu]'" in warnings[0]
+    # two bundles, one reason per backend passed over: logged once (and OpenVINO's when it is missing)
+    assert len(warnings) == (1 if openvino else 2), warnings
+    assert f"{runner} runs on the CPU" in warnings[0] and "pip install '.[gpu]'" in warnings[0]
+    if not openvino:
+        assert "pip install openvino" in warnings[1]
     # The fallback engine really runs.
     out = loaded[0].engine.run(np.zeros((1, 1, 32, 128, 128), np.float32))  # type: ignore[union-attr]
     assert out.shape == (1, 2, 32, 128, 128)

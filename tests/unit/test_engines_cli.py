@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from node.infer.backends.openvino import status as openvino_status
+
 REPO = Path(__file__).resolve().parents[2]
 H100 = REPO / "tests" / "data" / "gpu_profiles" / "h100-sxm-80gb.json"
 GTX1650 = REPO / "tests" / "data" / "gpu_profiles" / "gtx1650-4gb.json"
@@ -36,7 +38,9 @@ def test_doctor_says_what_is_missing_and_how_to_install_it(tmp_path: Path) -> No
     out = proc.stdout
     assert "onnxruntime-cpu" in out and "TensorRT is not installed" in out
     assert "pip install '.[gpu]'" in out  # not swallowed as markup
-    assert "this node will run: ONNX Runtime on the CPU, because" in out
+    runner = "OpenVINO" if openvino_status().available else "ONNX Runtime"
+    assert f"this node will run: {runner} on the CPU, because" in out
+    assert "CPU: " in out and "AVX-512 BF16" in out  # the CPU's units (issue 20)
 
 
 def test_doctor_plans_for_a_recorded_gpu(tmp_path: Path) -> None:
@@ -73,3 +77,4 @@ def test_bench_measures_onnxruntime_and_says_why_tensorrt_is_not_measured(tmp_pa
     assert cells[0] == "body-threshold@0.1.0" and cells[2] == "2"
     assert float(cells[4].replace(",", "")) > 0  # ms per tile, measured
     assert "TensorRT: not measured" in proc.stdout and "TensorRT is not installed" in proc.stdout
+    assert "CPU peak FP32: " in proc.stdout  # how the CPU rows' fraction of peak is had

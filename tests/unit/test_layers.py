@@ -17,7 +17,7 @@ NODE = Path(__file__).resolve().parents[2] / "node"
 #: send; jobs and service compose them; the command line is the roof.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("node", "node.errors", "node.model"),  # ground floor
-    ("node.config", "node.config_tls", "node.config_web", "node.telemetry"),  # telemetry: the metrics stages record
+    ("node.config", "node.config_dicomweb", "node.config_tls", "node.config_web", "node.telemetry"),  # + metrics
     ("node.spool",),  # receive: files + the index (the only SQL), and the queries on it
     ("node.dicom",),  # receive: the SCP (into the spool), and the SCU that send uses
     ("node.assemble",),
@@ -27,7 +27,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("node.jobs",),
     ("node.web",),  # the web UI: pages on the index's queries and the operator commands
     ("node.service",),
-    ("node.cli", "node.cli_engines", "node.cli_review", "node.__main__"),
+    ("node.cli", "node.cli_engines", "node.cli_review", "node.cli_series", "node.__main__"),
 )
 
 

@@ -1,7 +1,8 @@
 """Which engine runs each bundle in this process, from the backends ``engines.backend`` selects.
 
-Under ``"auto"`` the registry's backends are tried in order (TensorRT on the GPU first); when one
-cannot run (no GPU, no TensorRT or pycuda, a plan that fails to build, too little memory) the next is
+Under ``"auto"`` the registry's backends are tried in order (TensorRT on the GPU, then OpenVINO on the
+CPU, then ONNX Runtime); when one cannot run (no GPU, no TensorRT or pycuda, a plan that fails to
+build, too little memory, no openvino) the next is
 tried and the reason is logged once per process, not once per job. A backend named explicitly has no
 next: its failure is the bundle's error. Each backend is opened at most once per process.
 """
@@ -66,17 +67,22 @@ class EngineLoader:
     def _make(self, bundle: Bundle) -> LoadedEngine:
         if bundle.model_file is None:
             return LoadedEngine(None, "built-in algorithm (CPU)")
-        tried = candidates(self.choice)
-        for i, backend in enumerate(tried):
+        failed: list[tuple[Backend, InferenceError]] = []
+        for backend in candidates(self.choice):
             try:
-                return self._session(backend).engine(bundle)
+                loaded = self._session(backend).engine(bundle)
             except InferenceError as exc:
                 if self.choice is not EngineBackend.AUTO:
                     raise InferenceError(f"bundle {bundle.name}: engines.backend is {str(self.choice)!r} "
                                          f"but {exc}") from exc
-                if i == len(tried) - 1:
-                    raise
-                self._note_fallback(backend, tried[i + 1], str(exc))
+                failed.append((backend, exc))
+                continue
+            # Said once the runner is known: each backend passed over, and the one that runs instead.
+            for skipped, reason in failed:
+                self._note_fallback(skipped, backend, str(reason))
+            return loaded
+        if failed:
+            raise failed[-1][1]
         raise InferenceError(f"bundle {bundle.name}: no engine backend is registered")  # unreachable: CPU is
 
     def _note_fallback(self, failed: Backend, next_backend: Backend, reason: str) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from node.errors import InferenceError
 from node.infer.backends.base import Backend
 from node.infer.backends.onnxrt import OnnxRuntimeBackend
+from node.infer.backends.openvino import OpenVinoBackend
 from node.infer.backends.tensorrt import TensorRTBackend
 from node.infer.engine import BackendStatus
 from node.model.enums import EngineBackend
 
-#: Every backend, in ``"auto"``'s order of preference: the GPU first, the CPU (which runs anywhere) last.
-BACKENDS: tuple[Backend, ...] = (TensorRTBackend(), OnnxRuntimeBackend())
+#: Every backend, in ``"auto"``'s order of preference: the GPU first, then OpenVINO on the CPU (where
+#: ``openvino`` is installed: BF16 on AMX / AVX-512 BF16 units), ONNX Runtime (which runs anywhere) last.
+BACKENDS: tuple[Backend, ...] = (TensorRTBackend(), OpenVinoBackend(), OnnxRuntimeBackend())
 
 #: Where ``"auto"`` goes when a worker cannot load its engines at all (a GPU fault that kills the process).
 LAST_RESORT = EngineBackend.CPU

@@ -1,8 +1,9 @@
-"""`engines doctor`: the GPU, what is installed, and what it implies for each bundle.
+"""`engines doctor`: the GPU and the CPU, what is installed, and what it implies for each bundle.
 
 Works without a GPU: it then says what is missing and how to install it, and with ``--profile`` it
 shows what a recorded GPU (tests/data/gpu_profiles/*.json) would do with each bundle — precision,
-tile batch, expected time from the model's FLOPs and bytes at that GPU's rates.
+tile batch, expected time from the model's FLOPs and bytes at that GPU's rates. The CPU part
+(node/infer/cpu/doctor.py) names the CPU's units and, per bundle, the CPU backend and precision.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from node.errors import InferenceError, NodeError
 from node.infer.backends.onnxrt import status as onnxruntime_status
+from node.infer.backends.openvino import status as openvino_status
+from node.infer.cpu.doctor import CpuReport, cpu_report
 from node.infer.engine import BackendStatus
 from node.infer.gpu.backend import (
     EnginePlan,
@@ -110,11 +113,12 @@ class DoctorReport:
     profile_is_recorded: bool  # the GPU came from --profile, not from this machine
     rows: list[BundleRow]
     verdict: str
+    cpu: CpuReport
 
 
 def doctor(bundles: list[Bundle], *, backend: EngineBackend, state_dir: Path | None, profile_path: Path | None = None,
-           gpu_index: int = 0) -> DoctorReport:
-    backends = [onnxruntime_status(), tensorrt_status(), pycuda_status(), nvml_status()]
+           gpu_index: int = 0, threads: int = 0) -> DoctorReport:
+    backends = [onnxruntime_status(), openvino_status(), tensorrt_status(), pycuda_status(), nvml_status()]
     status = {b.name: b for b in backends}
     gpu: GpuProfile | None = None
     problem = ""
@@ -131,15 +135,20 @@ def doctor(bundles: list[Bundle], *, backend: EngineBackend, state_dir: Path | N
                    else "(not installed)")
     rows = ([bundle_row(b, gpu, trt_version, state_dir if profile_path is None else None) for b in bundles]
             if gpu else [])
-    missing = [b.detail for b in backends[1:3] if not b.available]
+    missing = [status[name].detail for name in ("tensorrt", "pycuda") if not status[name].available]
+    cpu = cpu_report(bundles, backend=backend, state_dir=state_dir if profile_path is None else None, threads=threads)
     if backend is EngineBackend.CPU:
         verdict = "engines.backend is 'cpu': every model runs on ONNX Runtime on the CPU; the GPU is not used."
+    elif backend is EngineBackend.OPENVINO:
+        verdict = ("engines.backend is 'openvino': every model runs on OpenVINO on the CPU; the GPU is not used."
+                   if status["openvino"].available else
+                   f"engines.backend is 'openvino' and the service will not start: {status['openvino'].detail}.")
     elif profile_path is None and gpu is not None and not missing:
         verdict = "TensorRT on the GPU: plans are built at the first start (or by `engines build`) and cached."
     else:
         reasons = "; ".join(missing or [problem]) or "no GPU"
         if profile_path is not None:
             reasons = f"the GPU above is a recorded profile, not this machine's; here: {reasons}"
-        verdict = (f"ONNX Runtime on the CPU, because {reasons}." if backend is EngineBackend.AUTO
+        verdict = (f"{cpu.backend} on the CPU, because {reasons}." if backend is EngineBackend.AUTO
                    else f"engines.backend is 'tensorrt' and the service will not start: {reasons}.")
-    return DoctorReport(backends, gpu, problem, profile_path is not None, rows, verdict)
+    return DoctorReport(backends, gpu, problem, profile_path is not None, rows, verdict, cpu)

@@ -12,9 +12,11 @@ from node.config import NodeConfig
 from node.model.enums import DestinationType
 from node.send.transports.base import Transport
 from node.send.transports.dicom import CStoreTransport
+from node.send.transports.dicomweb import StowTransport
 
 TRANSPORTS: dict[DestinationType, Callable[[NodeConfig], Transport]] = {
     DestinationType.DICOM: CStoreTransport,
+    DestinationType.DICOMWEB: StowTransport,
 }
 
 
