@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -56,11 +58,13 @@ def _tls_args(destination: Destination, tls: TlsConfig | None) -> tuple[ssl.SSLC
     return tls.client_context(), destination.host
 
 
-def _associate(ae: AE, destination: Destination, tls: TlsConfig | None) -> Association:
+def _associate(ae: AE, destination: Destination, tls: TlsConfig | None,
+               handlers: list[tuple[evt.EventType, Callable[..., Any]]] | None = None) -> Association:
     opened: list[bool] = []
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), (evt.EVT_CONN_OPEN, lambda _: opened.append(True))],
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), (evt.EVT_CONN_OPEN, lambda _: opened.append(True)),
+                      *(handlers or [])],
         tls_args=_tls_args(destination, tls),
     )
     if not assoc.is_established:
