@@ -25,7 +25,15 @@ from node.config_dicomweb import (
 from node.config_tls import TlsConfig, check_tls_files
 from node.config_web import WebConfig, parse_web
 from node.errors import ConfigError
-from node.model.enums import DestinationType, EngineBackend, ObjectKind, RuleAction, SegType, TimeoutAction
+from node.model.enums import (
+    DestinationType,
+    EngineBackend,
+    ObjectKind,
+    RuleAction,
+    SegType,
+    TimeoutAction,
+    VerifyMode,
+)
 from node.model.routing import Conditions, Route, Rule
 from node.model.tables import Table
 
@@ -374,6 +382,8 @@ def _destination(table: Table, base_dir: Path) -> Destination:
     )
     review, verify = table.get("review", bool, False), parse_verification(table)
     if kind is DestinationType.DICOMWEB:
+        if verify.mode is VerifyMode.COMMITMENT:
+            raise table.fail("verify", "is 'commitment', which DICOMweb has no service for; use \"find\" (QIDO-RS)")
         web = parse_web_destination(table, base_dir)
         web_host, web_port = host_port(web.url)
         return Destination(name=table.get("name", str, web_host), ae_title="", host=web_host, port=web_port,

@@ -33,12 +33,13 @@ from typing import Any, cast
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import telemetry
 from node.config import NodeConfig, calling_ae_allowed
 from node.dicom.admission import Admission
+from node.dicom.commitment import CommitmentReports
 from node.dicom.filemeta import encode_file_meta
 from node.dicom.framing import FramingError, RawElement, scan
 from node.dicom.guard import PeerGuard
@@ -227,6 +228,7 @@ class Receiver:
         self._guard = PeerGuard(self._admission)
         self._per_peer: dict[str, weakref.WeakSet[Association]] = {}
         self.received = 0
+        self.commitments = CommitmentReports()  # storage commitment reports to the sender (verify = "commitment")
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.ae_title)
@@ -236,6 +238,7 @@ class Receiver:
         ae.dimse_timeout = DIMSE_TIMEOUT_S
         ae.maximum_associations = self._admission.pynetdicom_limit  # never decides: see node.dicom.admission
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)  # its N-EVENT-REPORTs
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -252,6 +255,7 @@ class Receiver:
             *self._admission.handlers(),  # after the checks above: the association limit, as pynetdicom's
             (evt.EVT_CONN_CLOSE, self._forget_peer),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self.commitments.handle),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended),

@@ -99,6 +99,7 @@ class VerifyMode(enum.StrEnum):
 
     NONE = "none"  # the peer's Success is taken as stored
     FIND = "find"  # ask for each SOP Instance UID afterwards: C-FIND at IMAGE level, or QIDO-RS for DICOMweb
+    COMMITMENT = "commitment"  # Storage Commitment (N-ACTION, then the peer's N-EVENT-REPORT); DICOM only
 
 
 class ObjectKind(enum.StrEnum):

@@ -124,3 +124,4 @@ class OutboxItem:
     sent_at: float | None = None
     verified_at: float | None = None  # verify = "find": when the destination was seen to hold it
     resends: int = 0  # times the destination did not hold it in time (each then sent again, or the last dead)
+    commit_txn: str = ""  # verify = "commitment": the Transaction UID of the storage commitment request

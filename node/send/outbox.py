@@ -7,7 +7,7 @@ Each attempt's status (DIMSE, or whatever the destination's transport reports) i
 dead letter that ``retry`` resends). Delivery itself is the transport's (node/send/transports), chosen
 by the destination's ``type``: retries, backoff and dead letters are the same for every transport. A
 destination with ``verify = "find"`` is asked afterwards whether it holds what it acknowledged
-(:meth:`Sender.verify`, node.send.verify).
+(node.send.verify).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from collections import defaultdict
 from node import telemetry
 from node.config import Destination, NodeConfig
 from node.errors import SendError
-from node.model.enums import VerifyMode
 from node.model.records import OutboxItem
 from node.send.transports.base import Outcome, Transport
-from node.send.transports.dicomweb import StowTransport
 from node.send.transports.registry import make_transports
-from node.send.verify import held_by
+from node.send.verify import Verifier
 from node.spool.index import Index
 
 log = logging.getLogger(__name__)
@@ -41,8 +39,7 @@ class Sender:
         self.index = index
         self.destinations = {d.name: d for d in cfg.destinations}
         self.transports = make_transports(cfg)
-        self._stow = StowTransport(cfg)
-        self._last_verified: dict[str, float] = {}  # per destination, when it was last asked
+        self.verifier = Verifier(cfg, index)
 
     def _transport(self, destination: Destination) -> Transport:
         transport = self.transports.get(destination.type)
@@ -65,43 +62,8 @@ class Sender:
                     self._failed(item, name, f"destination {name!r} is no longer configured", retry_at=None)
                 continue
             sent += self._send(destination, items)
-        self.verify()
+        self.verifier.poll()
         return sent
-
-    def verify(self, now: float | None = None) -> int:
-        """Ask each destination with ``verify`` set whether it holds what it was sent (node.send.verify); mark what
-        it holds verified, send again what it still lacks after ``verify_timeout_s``. Returns how many were found."""
-        now = time.time() if now is None else now
-        found_count = 0
-        for destination in self.destinations.values():
-            check = destination.verify
-            if check.mode is VerifyMode.NONE or now - self._last_verified.get(destination.name, 0.0) < check.delay_s:
-                continue
-            items = [i for i in self.index.unverified(destination.name, sent_before=now - check.delay_s)
-                     if i.path.is_file()]
-            if not items:
-                continue
-            self._last_verified[destination.name] = now
-            try:
-                held = held_by(self.cfg, destination, [i.path for i in items], self._stow)
-            except (SendError, OSError) as exc:
-                log.warning("could not verify %d object(s) at %s: %s; asking again later", len(items), destination, exc)
-                continue
-            for item in items:
-                if held.get(item.sop_instance_uid, False):
-                    self.index.mark_verified(item.id, now=now)
-                    telemetry.result_verified(destination.name, found=True)
-                    found_count += 1
-                elif now - (item.sent_at or now) >= check.timeout_s:
-                    give_up = item.resends + 1 >= self.cfg.send_max_attempts
-                    status = (f"{destination} answered Success but did not hold it {check.timeout_s:.0f} s later "
-                              f"(send {item.resends + 1})" + ("; giving up" if give_up else "; sending it again"))
-                    self.index.resend_unverified(item.id, status, give_up=give_up, now=now)
-                    telemetry.result_verified(destination.name, found=False)
-                    if give_up:
-                        telemetry.result_failed(destination.name, dead=True)
-                    log.warning("%s: %s", item.sop_instance_uid, status)
-        return found_count
 
     def _failed(self, item: OutboxItem, destination: str, status: str, *, retry_at: float | None) -> None:
         """Record a failed attempt (``retry_at=None``: a dead letter) in the index and the metrics."""

@@ -133,6 +133,7 @@ class Service:
         self.assembler = Assembler(self.index, self.bundles, cfg.rules,
                                    Completeness(cfg.completeness, counter) if counter is not None else None)
         self.sender = Sender(cfg, self.index)
+        self.receiver.commitments.on_report = self.sender.verifier.on_report  # reports on new associations
         self.workers = WorkerPool(cfg, self.index, self.generation)
         self.retention = Retention(cfg, self.index)
         self.http: HttpServer | None = None

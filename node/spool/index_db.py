@@ -107,6 +107,7 @@ ADDED_COLUMNS = (
     ("outbox", "verified_at", "REAL"),  # verify = "find": when the destination was seen to hold it
     ("outbox", "resends", "INTEGER NOT NULL DEFAULT 0"),  # sent again because it was not found in time
     ("series", "forced", "INTEGER NOT NULL DEFAULT 0"),  # `complete SERIES_UID`: settle it, counts or not
+    ("outbox", "commit_txn", "TEXT NOT NULL DEFAULT ''"),  # verify = "commitment": the transaction that asked
     ("jobs", "generation", "INTEGER NOT NULL DEFAULT 0"),  # the service start whose worker claimed it (service_runs)
     ("jobs", "crashes", "INTEGER NOT NULL DEFAULT 0"),  # attempts that ended in a crash of their worker
     ("jobs", "not_before", "REAL NOT NULL DEFAULT 0"),  # a job put back for lack of resources waits until then

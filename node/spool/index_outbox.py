@@ -62,6 +62,15 @@ class OutboxRows(IndexDb):
             "ORDER BY sent_at LIMIT ?", (destination, OutboxState.SENT.value, sent_before, limit))
         return [_outbox(r) for r in rows]
 
+    def mark_commitment_requested(self, item_ids: list[int], transaction_uid: str) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE outbox SET commit_txn=? WHERE id=?", [(transaction_uid, i) for i in item_ids])
+
+    def transaction_items(self, transaction_uid: str) -> list[OutboxItem]:
+        """The outbox rows a storage commitment request asked about (empty for an unknown transaction)."""
+        return [_outbox(r) for r in self._query("SELECT * FROM outbox WHERE commit_txn=? AND commit_txn != ''",
+                                                 (transaction_uid,))]
+
     def mark_verified(self, item_id: int, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as db:
@@ -73,7 +82,7 @@ class OutboxRows(IndexDb):
         now = time.time() if now is None else now
         state = OutboxState.DEAD if give_up else OutboxState.PENDING
         with self._tx() as db:
-            db.execute("UPDATE outbox SET state=?, resends=resends+1, next_attempt_at=?, last_status=? "
+            db.execute("UPDATE outbox SET state=?, resends=resends+1, next_attempt_at=?, last_status=?, commit_txn='' "
                        "WHERE id=? AND state=?", (state.value, now, status, item_id, OutboxState.SENT.value))
 
     def outbox(self, limit: int = 200) -> list[OutboxItem]:
@@ -131,4 +140,5 @@ def _outbox(r: sqlite3.Row) -> OutboxItem:
         sent_at=r["sent_at"],
         verified_at=r["verified_at"],
         resends=r["resends"],
+        commit_txn=r["commit_txn"],
     )

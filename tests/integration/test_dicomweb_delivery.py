@@ -3,6 +3,7 @@
 - STOW-RS to Orthanc's DICOMweb plugin (Debian's ``orthanc-dicomweb``), checked afterwards by QIDO-RS
   (``verify = "find"``): the SEG and RTSTRUCT are in Orthanc and their outbox rows are marked verified.
 - C-STORE to Orthanc's DICOM port, checked afterwards by C-FIND at IMAGE level.
+- Storage Commitment with Orthanc as the SCP: its N-EVENT-REPORT, on a new association to the node, confirms.
 - A DICOMweb service that answers 200 to STOW-RS but stores nothing (a small HTTP server in this test):
   verification does not find the objects, so the node sends them again (same UIDs), counts it, and after
   ``send.max_attempts`` sends gives up with a dead letter that says why.
@@ -21,7 +22,7 @@ import pytest
 
 from node.config_dicomweb import WebDestination
 from node.dicom.qido import qido_series_count
-from tests.harness.dcmtk import storescu, tool_missing_reason
+from tests.harness.dcmtk import free_port, storescu, tool_missing_reason
 from tests.harness.node_process import NodeProcess
 from tests.harness.orthanc import OrthancServer, orthanc_missing_reason
 from tests.harness.synthetic_ct import write_ct_series
@@ -137,3 +138,21 @@ def test_a_service_that_answers_200_but_stores_nothing_is_caught_and_sent_again(
     assert first["body"].endswith(b"--" + boundary + b"--\r\n")
     assert all(p["body"].split(b"\r\n\r\n", 1)[1][:200] == first["body"].split(b"\r\n\r\n", 1)[1][:200]
                for p in posts)  # the same objects every time (the same UIDs)
+
+
+def test_storage_commitment_from_orthanc_confirms_what_it_stored(tmp_path: Path) -> None:
+    """verify = "commitment": the node asks Orthanc (N-ACTION); Orthanc answers with an N-EVENT-REPORT on a new
+    association to the node's own port (the node is one of its modalities), which marks the objects verified."""
+    if reason := tool_missing_reason("storescu") or orthanc_missing_reason():
+        pytest.skip(reason)
+    series = _series(tmp_path, seed=9)
+    node_port = free_port()
+    with OrthancServer(workdir=tmp_path / "orthanc", modalities={"segnode": ("SEGNODE", "127.0.0.1", node_port)}) \
+            as orthanc:
+        toml = (f'[[destinations]]\nname = "pacs"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\n'
+                f'port = {orthanc.dicom_port}\nverify = "commitment"\nverify_delay_s = 0.5\n')
+        with NodeProcess(tmp_path / "node", port=node_port, extra_toml=toml) as node:
+            storescu("127.0.0.1", node.port, node.ae_title, series.directory)
+            status = node.wait_status(lambda s: _verified(s, "pacs", 2), timeout=120)
+            assert all(o["commit_txn"] for o in status["outbox"])
+            assert "storage commitment report from ORTHANC" in node.log_text()

@@ -78,3 +78,26 @@ def test_dicomweb_destination_errors_name_the_key(tmp_path: Path, table: str, ne
     path.write_text(f'[[destinations]]\nname = "cloud"\ntype = "dicomweb"\n{table}\n')
     with pytest.raises(ConfigError, match=needle):
         load_config(path)
+
+
+def test_a_commitment_report_is_read_per_instance() -> None:
+    from pydicom import Dataset
+
+    from node.dicom.commitment import read_report
+
+    ds = Dataset()
+    ds.TransactionUID = "2.25.7"
+    ok, bad = Dataset(), Dataset()
+    ok.ReferencedSOPClassUID, ok.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.66.4", "1.1"
+    bad.ReferencedSOPClassUID, bad.ReferencedSOPInstanceUID, bad.FailureReason = "1.2", "1.2", 0x0112
+    ds.ReferencedSOPSequence = [ok]
+    ds.FailedSOPSequence = [bad]
+    report = read_report(ds)
+    assert (report.transaction_uid, report.committed, report.failed) == ("2.25.7", ["1.1"], [("1.2", 0x0112)])
+
+
+def test_commitment_is_for_dicom_destinations(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[[destinations]]\nname = "c"\ntype = "dicomweb"\nurl = "http://x/dw"\nverify = "commitment"\n')
+    with pytest.raises(ConfigError, match="DICOMweb has no service for"):
+        load_config(path)
