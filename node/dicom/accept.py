@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from node.config import NodeConfig
 from node.dicom.filemeta import encode_file_meta
-from node.dicom.scp import DatasetMismatch, HeaderError, read_instance_meta
+from node.dicom.header import DatasetMismatch, HeaderError, read_instance_meta
 from node.dicom.status import Status
 from node.model.records import InstanceMeta
 from node.spool.index import Index

@@ -18,10 +18,7 @@ top of it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import re
-import shutil
 import socket
 import sqlite3
 import ssl
@@ -38,11 +35,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import telemetry
 from node.config import NodeConfig, calling_ae_allowed
+from node.dicom.accept import Acceptor
 from node.dicom.admission import Admission
 from node.dicom.commitment import CommitmentReports
-from node.dicom.filemeta import encode_file_meta
-from node.dicom.framing import FramingError, RawElement, scan
 from node.dicom.guard import PeerGuard
+from node.dicom.header import shown_uid
 from node.dicom.net import set_tcp_nodelay
 from node.dicom.status import Status
 from node.errors import ListenError
@@ -64,143 +61,8 @@ MAX_ASSOCIATIONS = 64
 TLS_HANDSHAKE_S = 10.0
 TLS_RECORD_STALL_S = 30.0
 
-SPECIFIC_CHARACTER_SET = 0x00080005
-SOP_CLASS_UID = 0x00080016
-SOP_INSTANCE_UID = 0x00080018
-MODALITY = 0x00080060
-STUDY_INSTANCE_UID = 0x0020000D
-SERIES_INSTANCE_UID = 0x0020000E
-#: The top-level elements the receiver reads, with their keyword and the VRs accepted for them.
-_HEADER: dict[int, tuple[str, frozenset[str]]] = {
-    SPECIFIC_CHARACTER_SET: ("SpecificCharacterSet", frozenset({"CS", "UN"})),
-    SOP_CLASS_UID: ("SOPClassUID", frozenset({"UI", "UN"})),
-    SOP_INSTANCE_UID: ("SOPInstanceUID", frozenset({"UI", "UN"})),
-    MODALITY: ("Modality", frozenset({"CS", "UN"})),
-    STUDY_INSTANCE_UID: ("StudyInstanceUID", frozenset({"UI", "UN"})),
-    SERIES_INSTANCE_UID: ("SeriesInstanceUID", frozenset({"UI", "UN"})),
-}
-#: Descriptions read for routing rules (node.model.routing): never a reason to refuse an instance.
-STUDY_DESCRIPTION = 0x00081030
-SERIES_DESCRIPTION = 0x0008103E
-_DESCRIPTIONS = (STUDY_DESCRIPTION, SERIES_DESCRIPTION)
-_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 #: pynetdicom's own rejections, by (result source, diagnostic) of the A-ASSOCIATE-RJ, as metric reasons.
 _REJECTIONS = {(3, 2): "association_limit", (1, 7): "called_ae_not_recognised", (2, 1): "user_identity"}
-
-
-class HeaderError(ValueError):
-    """The received dataset cannot be parsed (0xC000)."""
-
-
-class DatasetMismatch(HeaderError):
-    """The dataset contradicts the C-STORE request, or lacks what the node files it under (0xA900)."""
-
-
-def uid_problem(value: str) -> str | None:
-    """None for a UID the node can file and reference, else what is wrong with it (PS3.5 9.1).
-
-    Leading zeros in a component are tolerated: real scanners write them and nothing breaks.
-    """
-    if not value:
-        return "is empty"
-    if len(value) > 64:
-        return f"is {len(value)} characters long (a UID has at most 64)"
-    if not _UID.fullmatch(value):
-        return f"{value[:80]!r} is not a UID (numbers separated by dots)"
-    return None
-
-
-def shown_uid(value: str) -> str:
-    """A UID as the log shows it: as is when valid, else quoted and cut short (no raw peer text in logs)."""
-    return value if uid_problem(value) is None else repr(value[:80])
-
-
-def _header_text(found: dict[int, RawElement], tag: int) -> str:
-    """The value of a header element as text; DatasetMismatch when its VR or bytes are wrong for it."""
-    element = found.get(tag)
-    if element is None:
-        return ""
-    keyword, vrs = _HEADER[tag]
-    if element.vr is not None and element.vr not in vrs:
-        raise DatasetMismatch(f"the dataset's {keyword} has VR {element.vr} (DICOM defines {min(vrs)})")
-    try:
-        text = element.value.rstrip(b"\x00 ").decode("ascii")
-    except UnicodeDecodeError:
-        raise DatasetMismatch(f"the dataset's {keyword} {element.value[:80]!r} is not ASCII text") from None
-    if not text.isprintable():
-        raise DatasetMismatch(f"the dataset's {keyword} {text[:80]!r} contains control characters")
-    return text.strip()
-
-
-def _description(found: dict[int, RawElement], tag: int, charset: str) -> str:
-    """A description (LO) as text for routing: UTF-8 under ISO_IR 192, else Latin-1; '' when its VR
-    is not LO/UN (a description is never a reason to refuse an instance)."""
-    element = found.get(tag)
-    if element is None or (element.vr is not None and element.vr not in ("LO", "UN")):
-        return ""
-    encoding = "utf-8" if "ISO_IR 192" in charset else "latin-1"
-    text = element.value.rstrip(b"\x00 ").decode(encoding, errors="replace")
-    return "".join(c for c in text if c.isprintable()).strip()[:64]
-
-
-def read_instance_meta(dataset: bytes, *, sop_instance_uid: str, sop_class_uid: str,
-                       transfer_syntax: str) -> InstanceMeta:
-    """Check a received dataset (as encoded, no file meta) and read what the index needs, pixels untouched.
-
-    The whole dataset's framing is checked (:func:`node.dicom.framing.scan`): a truncated or garbled
-    one raises :class:`HeaderError` (answered 0xC000). The dataset must then carry its own
-    SOPClassUID, equal to the request's, and valid Study and Series Instance UIDs: without them the
-    node cannot group the instance into its series or file results in its study (all instances with
-    a blank SeriesInstanceUID would otherwise become one "series" of unrelated images), so it raises
-    :class:`DatasetMismatch` (0xA900) naming every problem, and the sender keeps the instance. The
-    request's Affected SOP Instance UID is authoritative: some real files carry an empty
-    SOPInstanceUID in the dataset and the UID only in the file meta.
-    """
-    try:
-        found = scan(dataset, transfer_syntax, {*_HEADER, *_DESCRIPTIONS})
-    except FramingError as exc:
-        raise HeaderError(f"the dataset of SOP Instance {shown_uid(sop_instance_uid)} cannot be parsed: {exc}") from exc
-    try:
-        charset = _header_text(found, SPECIFIC_CHARACTER_SET)
-        modality = _header_text(found, MODALITY)
-        ds_class = _header_text(found, SOP_CLASS_UID)
-        ds_instance = _header_text(found, SOP_INSTANCE_UID)
-        study_uid = _header_text(found, STUDY_INSTANCE_UID)
-        series_uid = _header_text(found, SERIES_INSTANCE_UID)
-    except DatasetMismatch as exc:
-        raise DatasetMismatch(f"SOP Instance {shown_uid(sop_instance_uid)}: {exc}") from None
-    problems = []
-    if problem := uid_problem(sop_instance_uid):
-        # The node files by a hash of this UID (never by the UID), but its results reference it.
-        problems.append(f"the request's Affected SOP Instance UID {problem}")
-    # A dataset without its own SOPClassUID is not a composite instance: DCMTK's storescu, for one,
-    # sends a DICOMDIR under the UIDs of the first image it lists. Accepting it would take that
-    # image's UID, and the real image would later be dropped as a duplicate.
-    if ds_class != sop_class_uid:
-        shown = ds_class or ("(absent)" if SOP_CLASS_UID not in found else "(empty)")
-        problems.append(
-            f"the dataset's SOPClassUID {shown!r} does not match the request's Affected SOP Class UID {sop_class_uid!r}"
-        )
-    if ds_instance and ds_instance != sop_instance_uid:
-        problems.append(f"the dataset's SOPInstanceUID {ds_instance!r} does not match the request's")
-    filing = []
-    for tag, uid in ((STUDY_INSTANCE_UID, study_uid), (SERIES_INSTANCE_UID, series_uid)):
-        if problem := uid_problem(uid):
-            filing.append(f"the dataset's {_HEADER[tag][0]} {'is absent' if tag not in found else problem}")
-    if filing:
-        problems.append("; ".join(filing) + " (the node files instances by Study and Series Instance UID)")
-    if problems:
-        raise DatasetMismatch(f"SOP Instance {shown_uid(sop_instance_uid)}: " + "; ".join(problems))
-    return InstanceMeta(
-        sop_instance_uid=sop_instance_uid,
-        sop_class_uid=sop_class_uid,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        modality=modality,
-        transfer_syntax=transfer_syntax,
-        study_description=_description(found, STUDY_DESCRIPTION, charset),
-        series_description=_description(found, SERIES_DESCRIPTION, charset),
-    )
 
 
 class Receiver:
@@ -229,6 +91,7 @@ class Receiver:
         self._per_peer: dict[str, weakref.WeakSet[Association]] = {}
         self.received = 0
         self.commitments = CommitmentReports()  # storage commitment reports to the sender (verify = "commitment")
+        self.acceptor = Acceptor(cfg, spool, index)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.ae_title)
@@ -390,62 +253,28 @@ class Receiver:
     def _store(self, event: evt.Event) -> int:
         req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID or "")
-        sop_class = str(req.AffectedSOPClassUID or "")
         calling = event.assoc.requestor.ae_title
         if not sop_uid:
             log.error("C-STORE from %s refused: the request has no Affected SOP Instance UID", calling)
             return Status.DATASET_MISMATCH
-        try:
-            transfer_syntax = str(event.context.transfer_syntax)
-            dataset = event.encoded_dataset(include_meta=False)
-            if not dataset:
-                raise DatasetMismatch(f"the C-STORE request for SOP Instance {shown_uid(sop_uid)} carries no dataset")
-            header = encode_file_meta(sop_class, sop_uid, transfer_syntax, calling)
-            meta = read_instance_meta(
-                dataset,
-                sop_instance_uid=sop_uid,
-                sop_class_uid=sop_class,
-                transfer_syntax=transfer_syntax,
-            )
-        except DatasetMismatch as exc:
-            log.error("C-STORE from %s refused (0x%04X): %s", calling, Status.DATASET_MISMATCH, exc)
-            return Status.DATASET_MISMATCH
-        except HeaderError as exc:
-            log.error("C-STORE from %s refused (0x%04X): %s", calling, Status.CANNOT_UNDERSTAND, exc)
-            return Status.CANNOT_UNDERSTAND
-        if self.index.has_instance(sop_uid):
+        accepted = self.acceptor.accept(sop_uid=sop_uid, sop_class=str(req.AffectedSOPClassUID or ""),
+                                        transfer_syntax=str(event.context.transfer_syntax),
+                                        dataset=event.encoded_dataset(include_meta=False), calling=calling)
+        if accepted.duplicate:
             log.info("C-STORE from %s: SOP Instance %s already stored; kept the first copy", calling, sop_uid)
             return Status.SUCCESS
-        free_mb = shutil.disk_usage(self.spool.root).free // 2**20
-        if free_mb - len(dataset) // 2**20 < self.cfg.min_free_disk_mb:
-            log.error("C-STORE from %s of %s refused (0x%04X): %d MB free in %s, below the %d MB watermark "
-                      "(node.min_free_disk_mb)", calling, sop_uid, Status.OUT_OF_RESOURCES, free_mb,
-                      self.spool.root, self.cfg.min_free_disk_mb)
-            self._refused(event, meta.series_uid)
-            return Status.OUT_OF_RESOURCES
-        try:
-            path, size = self.spool.store(sop_uid, [header, dataset])
-            self.index.add_instance(
-                meta, path=path, size=size, calling_ae=calling, quiet_period_s=self.cfg.quiet_period_s
-            )
-            if not path.is_file():
-                # Retention deleted this series' files between our write and our row (the instance was
-                # sent again while its old copy was being cleaned up): write it again before answering.
-                self.spool.store(sop_uid, [header, dataset])
-        except sqlite3.Error as exc:
-            log.error("C-STORE from %s of %s failed (0x%04X): the index could not record it: %s",
-                      calling, sop_uid, Status.PROCESSING_FAILURE, exc)
-            return Status.PROCESSING_FAILURE
-        except OSError as exc:
-            code = Status.OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Status.PROCESSING_FAILURE
-            log.error("C-STORE from %s of %s failed (0x%04X): %s", calling, sop_uid, code, exc)
-            if code == Status.OUT_OF_RESOURCES:
-                self._refused(event, meta.series_uid)
-            return code
+        if not accepted.stored:
+            log.error("C-STORE from %s of %s refused (0x%04X): %s", calling, shown_uid(sop_uid), accepted.status,
+                      accepted.reason)
+            if accepted.status is Status.OUT_OF_RESOURCES and accepted.meta is not None:
+                self._refused(event, accepted.meta.series_uid)
+            return accepted.status
+        meta = accepted.meta
+        assert meta is not None
         with self._lock:
             self._assoc_series.setdefault(id(event.assoc), set()).add(meta.series_uid)
             self.received += 1
-        telemetry.instance_received(calling, size)
+        telemetry.instance_received(calling, accepted.size)
         if self.on_instance is not None:
             self.on_instance(meta)
         return Status.SUCCESS

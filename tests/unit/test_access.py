@@ -11,7 +11,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from node.config import AllowedPeer, calling_ae_allowed, load_config
-from node.dicom.scp import DatasetMismatch, read_instance_meta, uid_problem
+from node.dicom.header import DatasetMismatch, read_instance_meta, uid_problem
 from node.errors import ConfigError
 from node.spool.store import Spool
 

@@ -20,7 +20,7 @@ from pydicom.uid import (
 )
 
 from node.dicom.framing import FramingError, scan
-from node.dicom.scp import DatasetMismatch, HeaderError, read_instance_meta, uid_problem
+from node.dicom.header import DatasetMismatch, HeaderError, read_instance_meta, uid_problem
 from node.model.records import InstanceMeta
 from tests.harness.malformed import split_file, walk_explicit_le
 from tests.harness.synthetic_ct import write_ct_series

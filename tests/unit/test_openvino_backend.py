@@ -299,3 +299,18 @@ def test_a_cached_model_openvino_cannot_import_is_compiled_again(tmp_path: Path,
     assert "cannot be imported" in caplog.text and "model compiled in" in loaded.description
     found = ModelCache(tmp_path).lookup(key)
     assert found is not None and found.blob != b"not an OpenVINO model"
+
+
+def test_the_benchmarks_force_a_precision_through_the_manifest(tmp_path: Path) -> None:
+    import tomllib
+
+    from benchmarks.cpu_variants import bundles_for, engines_toml, with_cpu_precision
+
+    for name in ("liver", "body-threshold"):
+        text = with_cpu_precision((ENGINES / name / "manifest.toml").read_text(), "fp32")
+        assert tomllib.loads(text)["cpu"]["precision"] == "fp32"
+    copy = bundles_for("openvino-bf16", ENGINES, tmp_path)
+    assert load_bundle(copy / "liver").cpu == CpuOptions(CpuPrecisionRequest.BF16, 0.1, 0.98)
+    assert (copy / "liver" / "model.onnx").resolve() == (ENGINES / "liver" / "model.onnx").resolve()
+    assert bundles_for("auto", ENGINES, tmp_path) == ENGINES
+    assert engines_toml("onnxruntime", ENGINES, tmp_path).startswith('backend = "cpu"\n')
