@@ -251,7 +251,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         t.add_column(c, overflow="fold")
     for o in report.outbox:
         nxt = time.strftime("%H:%M:%S", time.localtime(o.next_attempt_at)) if o.state.value == "pending" else ""
-        t.add_row(str(o.id), str(o.job_id), o.destination, o.path.name, o.state.value, str(o.attempts), nxt,
+        state = o.state.value + (", verified" if o.verified_at else "") + (f", {o.resends} resent" if o.resends else "")
+        t.add_row(str(o.id), str(o.job_id), o.destination, o.path.name, state, str(o.attempts), nxt,
                   o.last_status, o.route)
     console.print(t)
     console.print(_retention_table(report.retention))

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -23,3 +26,16 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
             continue
     if proc.poll() is None:
         proc.wait(timeout=timeout)
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll ``probe`` until it returns something true, and return that; TimeoutError naming ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not reached in {timeout} s")
+        time.sleep(interval)

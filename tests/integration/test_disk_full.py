@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import pytest
 from tests.harness.dcmtk import storescu, tool_missing_reason
 from tests.harness.index_rows import read_index
 from tests.harness.node_process import NodeProcess
+from tests.harness.processes import wait_until as _wait
 from tests.harness.synthetic_ct import write_ct_series
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -86,16 +87,6 @@ def fill(path: Path, leave_bytes: int = 0) -> int:
     return written
 
 
-def _wait(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll ``probe`` until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not reached in {timeout} s")
-        time.sleep(interval)
 
 
 def _node(tmp_path: Path, *, min_free_mb: int, quiet_period_s: float = 30.0,

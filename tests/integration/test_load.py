@@ -37,11 +37,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -49,6 +47,7 @@ from pydicom import dcmread
 from tests.harness.dcmtk import StoreSCP, storescu, tool_missing_reason
 from tests.harness.index_rows import read_index
 from tests.harness.node_process import NodeProcess
+from tests.harness.processes import wait_until as _wait
 from tests.harness.proctable import descendants, proc_table
 from tests.harness.synthetic_ct import SyntheticSeries, write_ct_series
 
@@ -77,16 +76,6 @@ def _tools() -> None:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _wait(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    """Poll ``probe`` until it returns something truthy; bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not reached in {timeout} s")
-        time.sleep(interval)
 
 
 _db_rows = read_index  # tests/harness/index_rows.py

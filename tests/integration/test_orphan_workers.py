@@ -19,9 +19,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -29,6 +27,7 @@ from pydicom import dcmread
 from tests.harness.dcmtk import StoreSCP, storescu, tool_missing_reason
 from tests.harness.index_rows import read_index
 from tests.harness.node_process import NodeProcess
+from tests.harness.processes import wait_until as _wait
 from tests.harness.proctable import descendants
 from tests.harness.synthetic_ct import write_ct_series
 
@@ -45,16 +44,6 @@ def _tools() -> None:
         pytest.skip(reason)
 
 
-def _wait(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll ``probe`` until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not reached in {timeout} s")
-        time.sleep(interval)
 
 
 def _start(node: NodeProcess, tag: str) -> None:
