@@ -19,7 +19,7 @@ from node.model.records import ReviewDecision
 from node.spool.commands import decide_review, replay_series, retry_dead_letters
 from node.web.auth import WRONG_LOGIN, Viewer, csrf_ok
 from node.web.context import WebContext
-from node.web.views import _safe_next
+from node.web.views import safe_next
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ async def login(ctx: WebContext, request: Request) -> Response:
     form = await request.form()
     name = str(form.get("username", "")).strip()
     password = str(form.get("password", ""))
-    target = _safe_next(str(form.get("next", "/")))
+    target = safe_next(str(form.get("next", "/")))
     host = request.client.host if request.client else "unknown"
     keys = [f"address:{host}", f"user:{name.lower()}"]
     wait = ctx.limiter.blocked_for(keys)

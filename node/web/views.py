@@ -120,9 +120,9 @@ async def login_page(ctx: WebContext, request: Request) -> Response:
         return ctx.page(request, "error.html", None, status=404, code=404,
                         sentence="no users are configured: the pages answer this machine's own browser without a "
                                  "login (dicom-seg-node web add-user NAME adds one)")
-    return ctx.page(request, "login.html", None, next=_safe_next(request.query_params.get("next")), failed="")
+    return ctx.page(request, "login.html", None, next=safe_next(request.query_params.get("next")), failed="")
 
 
-def _safe_next(target: str | None) -> str:
+def safe_next(target: str | None) -> str:
     """A local path to go to after logging in (never another site)."""
     return target if target and target.startswith("/") and not target.startswith("//") else "/"
