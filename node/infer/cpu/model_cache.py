@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from node.infer.gpu.plan_cache import atomic_write, file_lock
+from node.infer.gpu.plan_cache import CacheKey, atomic_write, file_lock, slug
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ COMPILE_RECIPE = 1
 
 
 @dataclass(frozen=True)
-class CompiledKey:
+class CompiledKey(CacheKey):
     bundle: str
     onnx_sha256: str
     openvino_version: str
@@ -52,15 +51,6 @@ class CompiledKey:
         data["input_shape"] = list(self.input_shape)
         return data
 
-    @property
-    def digest(self) -> str:
-        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
-
-    def differences(self, recorded: dict[str, object]) -> list[str]:
-        """The fields in which a recorded key differs from this one, as "field: recorded → wanted"."""
-        wanted = self.as_dict()
-        return [f"{k}: {recorded.get(k)!r} → {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
 
 
 @dataclass(frozen=True)
@@ -80,10 +70,6 @@ class CachedModel:
     compile_seconds: float
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "bundle"
-
-
 class ModelCache:
     """The compiled models under ``<state>/engines/openvino``."""
 
@@ -91,7 +77,7 @@ class ModelCache:
         self.root = state_dir / "engines" / "openvino"
 
     def blob_path(self, key: CompiledKey) -> Path:
-        return self.root / _slug(key.bundle) / f"{key.digest}.blob"
+        return self.root / slug(key.bundle, "bundle") / f"{key.digest}.blob"
 
     @contextmanager
     def locked(self, key: CompiledKey) -> Iterator[None]:

@@ -48,8 +48,26 @@ class TensorProfile:
     max_shape: tuple[int, ...]
 
 
+class CacheKey:
+    """What a cached engine (a TensorRT plan, an OpenVINO model) was made from: its file is named by the digest of
+    :meth:`as_dict`, and a recorded key is compared field by field."""
+
+    def as_dict(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    @property
+    def digest(self) -> str:
+        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+    def differences(self, recorded: dict[str, object]) -> list[str]:
+        """The fields in which a recorded key differs from this one, as "field: recorded → wanted"."""
+        wanted = self.as_dict()
+        return [f"{k}: {recorded.get(k)!r} → {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
+
+
 @dataclass(frozen=True)
-class PlanKey:
+class PlanKey(CacheKey):
     bundle: str
     onnx_sha256: str
     tensorrt_version: str
@@ -67,19 +85,11 @@ class PlanKey:
         ]
         return data
 
-    @property
-    def digest(self) -> str:
-        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
-
-    def differences(self, recorded: dict[str, object]) -> list[str]:
-        """The fields in which a recorded key differs from this one, as "field: recorded → wanted"."""
-        wanted = self.as_dict()
-        return [f"{k}: {recorded.get(k)!r} → {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "gpu"
+def slug(text: str, empty: str = "gpu") -> str:
+    """``text`` as a file-name part (letters, digits and dots; ``empty`` when nothing is left)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or empty
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -135,10 +145,10 @@ class PlanCache:
         self._merge_timing = merge_timing  # TensorRT's ITimingCache.combine, when TensorRT is there
 
     def plan_path(self, key: PlanKey) -> Path:
-        return self.root / _slug(key.bundle) / f"{key.digest}.plan"
+        return self.root / slug(key.bundle) / f"{key.digest}.plan"
 
     def timing_cache_path(self, key: PlanKey) -> Path:
-        name = f"{_slug(key.gpu_name)}-cc{key.compute_capability}-trt{_slug(key.tensorrt_version)}.cache"
+        name = f"{slug(key.gpu_name)}-cc{key.compute_capability}-trt{slug(key.tensorrt_version)}.cache"
         return self.root / "timing" / name
 
     def lookup(self, key: PlanKey) -> bytes | None:
