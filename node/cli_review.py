@@ -21,7 +21,7 @@ from collections.abc import Callable
 from node.config import NodeConfig
 from node.config_web import check_user_name, hash_password, write_user
 from node.errors import NodeError
-from node.model.records import ReviewDecision
+from node.model.records import OutboxState, ReviewDecision
 from node.spool.commands import decide_review
 from node.spool.queries import open_index, review_phrase, review_queue
 
@@ -51,7 +51,7 @@ def cmd_review_list(cfg: NodeConfig, args: argparse.Namespace) -> int:
     if not queue.jobs:
         print("no job is awaiting review")
     for job in queue.jobs:
-        held = sum(1 for o in index.job_outbox(job.id) if o.state.value == "awaiting_review")
+        held = sum(1 for o in index.job_outbox(job.id) if o.state is OutboxState.HELD)
         structures = ", ".join(f"{s.name} {s.volume_ml:.0f} mL" for s in job.structures) or "-"
         waited = time.time() - job.updated
         print(f"job {job.id}  {job.bundle}  series {job.series_uid}  waiting {waited / 60:.0f} min  "

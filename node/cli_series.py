@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from node.config import NodeConfig
 from node.errors import NotFound
+from node.model.records import SeriesState
 from node.spool.queries import open_index
 
 
@@ -20,7 +21,7 @@ def cmd_complete(cfg: NodeConfig, args: argparse.Namespace) -> int:
     if series is None:
         raise NotFound(f"series {args.series} is not in the index at {cfg.index_path}: it was never received here, "
                        "or retention deleted it")
-    if series.state.value != "receiving":
+    if series.state is not SeriesState.RECEIVING:
         print(f"series {series.series_uid} is already {series.state.value} ({series.note or 'no note'}); nothing to do")
         return 0
     print(f"series {series.series_uid} ({series.instance_count} instances) declared complete: the service "

@@ -52,8 +52,8 @@ class Assembler:
     def _poll_counted(self, completeness: Completeness, settled: set[str], now: float) -> int:
         quiet = self.index.quiet_series(completeness.settings.check_after_s, now)
         done = 0
-        for series in quiet:
-            if self.index.is_forced(series.series_uid):
+        for series, forced in quiet:
+            if forced:
                 completeness.forget(series.series_uid)
                 self._settle(series, "declared complete by an operator (dicom-seg-node complete)")
                 done += 1

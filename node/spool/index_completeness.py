@@ -11,12 +11,13 @@ from node.spool.index_series import _series
 
 
 class CompletenessRows(IndexDb):
-    def quiet_series(self, quiet_s: float, now: float | None = None) -> list[SeriesRecord]:
-        """Series still receiving that have had no new instance for ``quiet_s`` seconds."""
+    def quiet_series(self, quiet_s: float, now: float | None = None) -> list[tuple[SeriesRecord, bool]]:
+        """Series still receiving that have had no new instance for ``quiet_s`` seconds, each with whether an
+        operator declared it complete (``complete SERIES_UID``)."""
         now = time.time() if now is None else now
         rows = self._query("SELECT * FROM series WHERE state=? AND last_received <= ? ORDER BY last_received",
                            (SeriesState.RECEIVING.value, now - quiet_s))
-        return [_series(r) for r in rows]
+        return [(_series(r), bool(r["forced"])) for r in rows]
 
     def note_series(self, series_uid: str, note: str) -> None:
         """The note of a series still receiving (what the count said, what it waits for)."""
@@ -33,7 +34,3 @@ class CompletenessRows(IndexDb):
                        "WHERE series_uid=? AND state=?", (now, series_uid, SeriesState.RECEIVING.value))
             row = db.execute("SELECT * FROM series WHERE series_uid=?", (series_uid,)).fetchone()
         return _series(row) if row is not None else None
-
-    def is_forced(self, series_uid: str) -> bool:
-        rows = self._query("SELECT forced FROM series WHERE series_uid=?", (series_uid,))
-        return bool(rows and rows[0]["forced"])

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from node.config import NodeConfig
-from node.model.records import JobRecord, JobState, OutboxItem, OutboxState, ReviewRecord, SeriesRecord
+from node.model.records import JobRecord, JobState, OutboxItem, OutboxState, ReviewDecision, ReviewRecord, SeriesRecord
 from node.spool.index import Index
 from node.spool.retention import RetentionFigures, figures
 
@@ -47,7 +47,7 @@ class JobStatus:
         retry could fix it)."""
         if self.job.state is JobState.AWAITING_REVIEW:
             return "awaiting review (dicom-seg-node review approve|reject JOB); " + self.timings
-        if self.review is not None and self.review.decision.value == "approved":
+        if self.review is not None and self.review.decision is ReviewDecision.APPROVED:
             return f"{review_phrase(self.review)}; {self.timings}"
         if self.superseded_by is not None:
             return f"superseded by job {self.superseded_by}, which succeeded; was: {self.job.error}"

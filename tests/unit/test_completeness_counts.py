@@ -57,7 +57,8 @@ def test_the_assembler_waits_then_dispatches_and_complete_forces(tmp_path: Path)
     assert assembler.poll(NOW + 30) == 0  # quiet, past its quiet period, but 6 of 12: it waits
     series = index.series("1.2.3")
     assert series is not None and series.state is SeriesState.RECEIVING and series.note.startswith("waiting: 6 of 12")
-    assert index.force_complete("1.2.3", now=NOW + 31) is not None and index.is_forced("1.2.3")
+    assert index.force_complete("1.2.3", now=NOW + 31) is not None
+    assert [forced for _, forced in index.quiet_series(1, now=NOW + 31)] == [True]
     assert assembler.poll(NOW + 32) == 1
     series = index.series("1.2.3")
     assert series is not None and series.state is SeriesState.IGNORED  # no bundle here: the note says why
