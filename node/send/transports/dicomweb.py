@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from node.config import Destination, NodeConfig
+from node.dicom.multipart import PartError, read_part10
 from node.dicom.status import describe, is_permanent_failure
 from node.errors import SendError
 from node.model.enums import DestinationType
@@ -101,9 +102,11 @@ class StowTransport:
     def _post(self, destination: Destination, paths: list[Path]) -> list[ObjectOutcome]:
         web = destination.web
         assert web is not None
-        uids = [str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-                for p in paths]
         parts = [p.read_bytes() for p in paths]
+        try:
+            uids = [read_part10(part).sop_instance_uid for part in parts]  # from the meta the writer put there
+        except PartError as exc:
+            raise SendError(f"a result file of {paths[0].parent} is not a Part 10 file: {exc}") from None
         boundary = uuid.uuid4().hex
         body = multipart_body(parts, boundary)
         content: bytes | Iterator[bytes] = body if web.chunked else b"".join(body)
