@@ -24,7 +24,8 @@ What it measures (everything on 127.0.0.1, DCMTK processes with ``TCP_NODELAY=1`
    (``max(outbox.sent_at)`` once every outbox row is ``sent``) is reported, split into settle,
    job and send, together with the job's stage timings (``jobs.timings``) and the node's peak RSS
    (``VmHWM`` from ``/proc/<pid>/status`` of the service process and each of its descendants,
-   sampled every 100 ms, summed). With ``--backend`` the node runs that engine variant
+   sampled every 100 ms, summed; the peaks of the node's start, where a fresh state directory has it
+   compile its OpenVINO models and check BF16 once, are reported apart and then reset). With ``--backend`` the node runs that engine variant
    (benchmarks/cpu_variants.py); its engines are first loaded once into the node's state directory by a
    separate process, so the node imports OpenVINO's compiled models (and a BF16 model's agreement
    verdict) from the cache as a restarted node does, and that first load's time and peak are reported.
@@ -231,6 +232,22 @@ def _wait_idle(root: int, *, timeout_s: float = 60.0, window_s: float = 0.5, max
         previous = ticks
         time.sleep(window_s)
     return time.monotonic() - started
+
+
+def reset_peaks(root: int) -> dict[str, float]:
+    """Record each process's peak RSS so far (VmHWM, MiB, by name and pid) under ``root``, then reset it
+    (``/proc/PID/clear_refs`` 5), so that later peaks are the turnaround's and not the start's (where a fresh
+    state directory has the node compile its OpenVINO models and check BF16 against ONNX Runtime, once per
+    model and CPU)."""
+    before: dict[str, float] = {}
+    for pid in _tree(root):
+        hwm = _status_kib(pid, "VmHWM").get("VmHWM")
+        if hwm is None:
+            continue
+        before[f"{_cmdline(pid)} [{pid}]"] = round(hwm / 1024, 1)
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+    return before
 
 
 class RssSampler:
@@ -499,6 +516,7 @@ def bench_turnaround(files: list[Path], work: Path, say: Callable[[str], None],
         try:
             node.start()
             assert node.proc is not None
+            at_start = reset_peaks(node.proc.pid)
             with RssSampler(node.proc.pid) as rss:
                 push_wall = push(files, node.port, NODE_AET)
                 say(f"  pushed {n} instances in {push_wall:.2f} s; waiting for SEG + RTSTRUCT at the destination")
@@ -557,6 +575,7 @@ def bench_turnaround(files: list[Path], work: Path, say: Callable[[str], None],
         "peak_rss_sum_vmhwm_mib": round(sum(rss.hwm_kib.values()) / 1024, 1),
         "peak_rss_sampled_sum_mib": round(rss.max_rss_sum_kib / 1024, 1),
         "peak_rss_per_process_mib": per_process,
+        "peak_rss_at_start_mib": at_start,
         "engines_first_load": prepared,
     }
 
@@ -579,9 +598,18 @@ def render(result: dict[str, Any]) -> str:
     out.append(f"series: {s['slices']} slices {s['rows']}x{s['columns']} CT, {s['mib']} MiB, "
                f"generated in {s['generate_s']} s")
     out.append("")
-    rcv = result["receive"]
+    if result.get("receive"):
+        out += _render_receive(result["receive"], s["slices"])
+    if result.get("turnaround"):
+        out += _render_turnaround(result)
+    out.append(f"total benchmark time: {result['total_s']:.0f} s")
+    return "\n".join(out)
+
+
+def _render_receive(rcv: dict[str, Any], slices: int) -> list[str]:
+    out: list[str] = []
     reps = len(rcv["node"]["images_per_s"])
-    out.append(f"1. Receive throughput: storescu -> SCP, one association, {s['slices']} instances, "
+    out.append(f"1. Receive throughput: storescu -> SCP, one association, {slices} instances, "
                f"{reps} repeat(s) each (images/s = slices / storescu wall time)")
     header = ["target", "median img/s", "best img/s", "median wall s", "runs img/s"]
     rows = []
@@ -595,11 +623,16 @@ def render(result: dict[str, Any]) -> str:
     out += _fmt_table(rows, header)
     ratio = rcv["node"]["median_images_per_s"] / rcv["storescp"]["median_images_per_s"]
     out.append(f"node / storescp (median): {ratio:.2f}; every node push verified: "
-               f"{s['slices']} rows in instances, no job created")
+               f"{slices} rows in instances, no job created")
     if "node_scraped" in rcv:
         scraped = rcv["node_scraped"]["median_images_per_s"] / rcv["node"]["median_images_per_s"]
         out.append(f"node scraped / node unscraped (median): {scraped:.3f} (goal: within 5 %)")
     out.append("")
+    return out
+
+
+def _render_turnaround(result: dict[str, Any]) -> list[str]:
+    out: list[str] = []
     t = result["turnaround"]
     out.append(f"2. Turnaround: quiet_period_s = {t['quiet_period_s']:g}, release_settle_s = "
                f"{t['release_settle_s']:g}, destination = DCMTK storescp")
@@ -607,7 +640,8 @@ def render(result: dict[str, Any]) -> str:
         ["storescu push wall", f"{t['storescu_wall_s']:.2f} s", f"({t['storescu_images_per_s']:.1f} images/s)"],
         ["last received_at -> every SEG+RTSTRUCT acked", f"{t['turnaround_s']:.2f} s", ""],
         ["  settle (last received -> job queued)", f"{t['settle_s']:.2f} s", ""],
-        ["  jobs (first queued -> last ended; one worker, one job per bundle)", f"{t['jobs_s']:.2f} s", ""],
+        ["  jobs (first queued -> last ended; one worker, the series' jobs on one volume)", f"{t['jobs_s']:.2f} s",
+         ""],
     ]
     for j in t["jobs"]:
         rows.append([f"    {j['bundle']}: {j['state']}", f"{j['s']:.2f} s", j["note"][:60]])
@@ -615,7 +649,13 @@ def render(result: dict[str, Any]) -> str:
             rows.append([f"      {stage}", f"{secs:.2f} s", ""])
     rows.append(["  send (last job ended -> last ack)", f"{t['send_s']:.2f} s", ""])
     rows.append(["files at destination", str(t["destination_files"]), ""])
-    rows.append(["peak RSS, sum of VmHWM", f"{t['peak_rss_sum_vmhwm_mib']:.0f} MiB", ""])
+    if t.get("peak_rss_at_start_mib"):
+        start = t["peak_rss_at_start_mib"]
+        rows.append(["peak RSS while starting (engines loaded), sum of VmHWM", f"{sum(start.values()):.0f} MiB",
+                     "(then reset)"])
+        for name, mib in start.items():
+            rows.append([f"  {name}", f"{mib:.0f} MiB", ""])
+    rows.append(["peak RSS from the push on, sum of VmHWM", f"{t['peak_rss_sum_vmhwm_mib']:.0f} MiB", ""])
     for name, mib in t["peak_rss_per_process_mib"].items():
         rows.append([f"  {name}", f"{mib:.0f} MiB", ""])
     rows.append(["peak of sampled sum of VmRSS", f"{t['peak_rss_sampled_sum_mib']:.0f} MiB", "(100 ms samples)"])
@@ -627,8 +667,7 @@ def render(result: dict[str, Any]) -> str:
             rows.append([f"  {bundle_id}", "", description[:90]])
     out += _fmt_table(rows, ["metric", "value", ""])
     out.append("")
-    out.append(f"total benchmark time: {result['total_s']:.0f} s")
-    return "\n".join(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrape", action="store_true",
                         help="also push into a node whose metrics a real Prometheus scrapes every second")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, state) for a look")
+    parser.add_argument("--only", choices=("receive", "turnaround"), default=None,
+                        help="run one of the two parts (default: both)")
     parser.add_argument("--backend", choices=list(CPU_VARIANTS), default=None,
                         help="the turnaround node's engine variant (benchmarks/cpu_variants.py; default: the node's "
                              "own choice, engines loaded at its start)")
@@ -670,11 +711,15 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(series.files)
         size = sum(f.stat().st_size for f in files)
         say(f"generated {len(files)} slices ({size / 2**20:.1f} MiB) in {gen_s:.1f} s")
-        say("receive throughput:")
-        receive = bench_receive(files, work, args.repeats, say, scrape=args.scrape)
-        say("turnaround:")
-        engines = engines_toml(args.backend, REPO / "engines", work) if args.backend else ""
-        turnaround = bench_turnaround(files, work, say, engines=engines)
+        receive: dict[str, Any] | None = None
+        turnaround: dict[str, Any] | None = None
+        if args.only in (None, "receive"):
+            say("receive throughput:")
+            receive = bench_receive(files, work, args.repeats, say, scrape=args.scrape)
+        if args.only in (None, "turnaround"):
+            say("turnaround:")
+            engines = engines_toml(args.backend, REPO / "engines", work) if args.backend else ""
+            turnaround = bench_turnaround(files, work, say, engines=engines)
         dcmtk = subprocess.run([str(STORESCU), "--version"], capture_output=True, text=True, timeout=10)
         result: dict[str, Any] = {
             "command": command,

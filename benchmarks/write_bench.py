@@ -1,8 +1,14 @@
 """Writing benchmark: SEG + RTSTRUCT for a 512×512×N CT with 4 structures (issue 5: total ≤ 2 s).
 
 Run: .venv/bin/python benchmarks/write_bench.py [--slices 300] [--repeats 5] [--seg-type BINARY]
+     .venv/bin/python benchmarks/write_bench.py --series ../shared/data/ct/philips-head-5mm/S2010
 
-Prints one table, best and median of the repeats:
+With ``--series`` the CT is a real series (every DICOM file with pixel data in the folder) and its
+labels are the body-lungs bundle's (BODY, lungs); otherwise the synthetic phantom thresholded into
+BODY, lungs and spine (noisy: the phantom carries 10 HU of noise).
+
+Prints the labels' cleaning time (node/write/clean.py, which the pipeline runs before both writers),
+then one table, best and median of the repeats, of writing the cleaned labels:
   SEG build        build_seg (highdicom template + frames, references and pixel data encoded here)
   SEG encode       pydicom writing it to bytes, then the durable write (tmp → fsync → rename)
   RTSTRUCT trace   contours of every structure (trace_contours; one thread per structure)
@@ -14,6 +20,12 @@ process's resident memory every few milliseconds: RSS before writing (volume, la
 the peak while writing.
 "CPU s" is the median CPU time of all the process's threads: what the work costs when other load
 on the machine makes the wall-clock times noisy.
+``--noise`` adds the noise issue 16 saw on a real chest CT's BODY to the labels first (specks of 1–19 px
+outside the skin, pockets of 1–46 px where the back meets the table; tests/harness/contour_geometry.py).
+Then a before/after table (issue 16): the labels as segmented, traced without cleaning or smoothing,
+against the cleaned labels with each structure's smoothing: per ROI the contours, holes and tiny parts
+(the writer's check, node/write/contour_check.py, by the bundle's rules), the file sizes and the median
+write_results time.
 """
 
 from __future__ import annotations
@@ -39,8 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.assemble.volume import build_volume, read_series
 from node.infer.manifest import discover_bundles
-from node.model.bundle import Bundle, Code, Label
+from node.infer.segment import segment_volume
+from node.jobs.pipeline import derive_missing_filing_uids
+from node.model.bundle import Bundle, Code, ContourOptions, ContourRule, ContourSmoothing, Label
+from node.model.enums import SegType
 from node.model.volume import Volume
+from node.write.clean import clean_labels
+from node.write.contour_check import RoiCheck, check_contours
 from node.write.contours import Contours
 from node.write.files import save_dataset, write_results
 from node.write.provenance import Provenance
@@ -48,6 +65,7 @@ from node.write.result import Result
 from node.write.rtstruct import build_rtstruct, trace_contours
 from node.write.seg import build_seg
 from node.write.uids import ResultUids
+from tests.harness.contour_geometry import add_body_noise
 from tests.harness.synthetic_ct import write_ct_series
 
 SCT = "SCT"
@@ -58,7 +76,7 @@ def four_structure_bundle() -> Bundle:
     base = discover_bundles(Path(__file__).resolve().parents[1] / "engines", ("body-threshold",))[0]
     anatomy = Code(SCT, "123037004", "Anatomical Structure")
     labels = (
-        base.labels[0],
+        dataclasses.replace(base.labels[0], includes=(2, 3, 4)),  # BODY includes the others, as body-lungs' does
         Label(2, "Lung_L", anatomy, Code(SCT, "44029006", "Left lung"), (0, 128, 255), "ORGAN"),
         Label(3, "Lung_R", anatomy, Code(SCT, "3341006", "Right lung"), (0, 200, 255), "ORGAN"),
         Label(4, "Spine", anatomy, Code(SCT, "421060004", "Spinal column"), (255, 255, 0), "ORGAN"),
@@ -119,20 +137,74 @@ def _peak_rss_while(fn: Callable[[], object]) -> tuple[int, int]:
     return before, max(peak, _rss_bytes())
 
 
+def _real_series(folder: Path) -> tuple[Volume, Bundle, np.ndarray]:
+    """A real CT folder: its volume, the body-lungs bundle and that bundle's labels."""
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "DIRFILE" and not p.name.endswith(".gz"))
+    volume = build_volume(read_series(paths))
+    derive_missing_filing_uids(volume)  # the shared abdomen has its UIDs only in the file meta
+    bundle = discover_bundles(Path(__file__).resolve().parents[1] / "engines", ("body-lungs",))[0]
+    return volume, bundle, segment_volume(volume, bundle, None)
+
+
+def as_traced(bundle: Bundle) -> Bundle:
+    """``bundle`` with no cleaning and no smoothing: its contours as traced (the writers before issue 16)."""
+    rule = ContourRule(min_island_mm2=0.0, min_hole_mm2=0.0, keep_holes=True, smoothing=ContourSmoothing.NONE)
+    return dataclasses.replace(bundle, contours=ContourOptions(tuple((label.value, rule) for label in bundle.labels)))
+
+
+def before_after(volume: Volume, raw: np.ndarray, cleaned: np.ndarray, bundle: Bundle, repeats: int,
+                 seg_type: SegType) -> None:
+    """Print contours, holes and tiny parts per ROI, file sizes and write time, as traced and cleaned."""
+    provenance = Provenance(created=dt.datetime(2026, 1, 1))
+    print(f"\n{'labels':30} {'ROI':8} {'contours':>8} {'holes':>6} {'tiny':>5} {'points':>8} "
+          f"{'RTSTRUCT MiB':>12} {'SEG MiB':>8} {'write s':>8} {'CPU s':>6}")
+    for name, labels, used in (("as segmented, traced as is", raw, as_traced(bundle)),
+                               ("cleaned, smoothed (default)", cleaned, bundle)):
+        result = Result.of(volume, labels, used, ResultUids.for_job("bench"), provenance)
+        checks: list[RoiCheck] = check_contours(result.found, trace_contours(result), bundle, volume.geometry)
+        points = [len(c.points_lps) for c in trace_contours(result)]
+        times, cpu, sizes = [], [], {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in range(repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                objects = write_results(result, Path(tmp) / str(n), seg_type=seg_type)
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+                sizes = {o.kind: o.path.stat().st_size / 2**20 for o in objects}
+        for i, check in enumerate(checks):
+            tail = (f" {sizes['RTSTRUCT']:12.2f} {sizes['SEG']:8.2f} {statistics.median(times):8.3f} "
+                    f"{statistics.median(cpu):6.3f}" if i == 0 else "")
+            print(f"{name if i == 0 else '':30} {check.name:8} {check.contours:8} {check.holes:6} {check.tiny:5} "
+                  f"{points[i]:8}{tail}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seg-type", choices=("BINARY", "LABELMAP"), default="BINARY")
+    parser.add_argument("--series", type=Path, help="a folder holding one real CT series (default: synthetic)")
+    parser.add_argument("--noise", action="store_true",
+                        help="add issue 16's BODY noise to the labels: specks outside the skin, pockets at the back")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     print(f"$ {' '.join(sys.argv)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        series = write_ct_series(Path(tmp) / "ct", slices=args.slices)
-        volume = build_volume(read_series(series.files))
-    bundle = four_structure_bundle()
-    labels = labels_for(volume)
+    if args.series:
+        volume, bundle, raw = _real_series(args.series)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            series = write_ct_series(Path(tmp) / "ct", slices=args.slices)
+            volume = build_volume(read_series(series.files))
+        bundle = four_structure_bundle()
+        raw = labels_for(volume)
+    if args.noise:
+        specks, pockets = add_body_noise(raw, np.random.default_rng(16))
+        print(f"noise added: {int(specks.sum())} speck px, {int(pockets.sum())} pocket px")
+    labels = raw.copy()
+    t0 = time.perf_counter()
+    clean_labels(labels, bundle, volume.geometry)
+    print(f"cleaning the labels (clean_labels): {time.perf_counter() - t0:.3f} s")
     result = Result.of(volume, labels, bundle, ResultUids.for_job("bench"), Provenance(created=dt.datetime(2026, 1, 1)))
     names = ("SEG build", "SEG encode", "RTSTRUCT trace", "RTSTRUCT encode", "total")
     wall: dict[str, list[float]] = {name: [] for name in names}
@@ -169,6 +241,7 @@ def main() -> int:
     print(f"RSS: {before / 2**20:.0f} MiB before writing, peak {peak / 2**20:.0f} MiB while writing "
           f"(+{(peak - before) / 2**20:.0f} MiB); process high-water mark "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (includes building the test CT)")
+    before_after(volume, raw, labels, bundle, args.repeats, SegType(args.seg_type))
     return 0
 
 

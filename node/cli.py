@@ -11,6 +11,7 @@ engines  doctor | build | bench: the GPU, TensorRT plans, engine speed (node/cli
 review   list | approve JOB | reject JOB --reason TEXT: the review gate (node/cli_review.py)
 complete SERIES_UID: declare a series complete, segment it now (node/cli_series.py)
 web      add-user NAME: a login for the web UI (node/cli_review.py)
+qa       report | sets: edit QA of structure sets that came back edited (node/cli_qa.py)
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 outcome = run_job(s.paths, bundle, engine, out_dir, provenance=Provenance.now(cfg.ae_title),
                                   write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct,
                                   preview_png=args.preview or cfg.preview_png, preview_sc=cfg.preview_sc,
-                                  seg_type=cfg.seg_type, derive_missing_uids=True)
+                                  seg_type=cfg.seg_type, derive_missing_uids=True,
+                                  mixed_frames=cfg.mixed_frames_of_reference)
                 result = "ok: " + ", ".join(str(o.path) for o in outcome.objects)
                 if outcome.note:
                     result += f" (note: {outcome.note})"
@@ -414,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli_series import add_series_parsers
 
     add_series_parsers(sub, add_config, _load)
+    from node.cli_qa import add_qa_parsers
+
+    add_qa_parsers(sub, add_config, _load)
     return parser
 
 

@@ -22,6 +22,7 @@ from node.config_dicomweb import (
     parse_verification,
     parse_web_destination,
 )
+from node.config_qa import QaConfig, parse_qa
 from node.config_tls import TlsConfig, check_tls_files
 from node.config_web import WebConfig, parse_web
 from node.errors import ConfigError
@@ -36,6 +37,7 @@ from node.model.enums import (
 )
 from node.model.routing import Conditions, Route, Rule
 from node.model.tables import Table
+from node.model.volume import MixedFrames
 
 #: Where the bundled model bundles live in a source checkout / editable install.
 DEFAULT_BUNDLES_DIR = Path(__file__).resolve().parents[1] / "engines"
@@ -158,6 +160,8 @@ class NodeConfig:
     workers: int = 1
     quiet_period_s: float = 10.0
     release_settle_s: float = 2.0
+    #: A regular stack whose instances carry several FrameOfReferenceUIDs: segmented in one of them, or declined.
+    mixed_frames_of_reference: MixedFrames = MixedFrames.SEGMENT
     bundles_dir: Path = DEFAULT_BUNDLES_DIR
     bundles: tuple[str, ...] = ()
     engine_backend: EngineBackend = EngineBackend.AUTO  # AUTO: the GPU when there is one, else the CPU
@@ -183,6 +187,7 @@ class NodeConfig:
     stow_in: StowReceive = StowReceive()  # [dicomweb_in]: STOW-RS into the node on the HTTP port
     completeness: CompletenessConfig = CompletenessConfig()
     review_bundles: tuple[str, ...] = ()  # [bundles.NAME] review = true: every copy of their results is held
+    qa: QaConfig = QaConfig()  # [qa]: edit QA of structure sets that come back edited (node/qa)
     source: str = "(embedded defaults)"
 
     def __post_init__(self) -> None:
@@ -190,6 +195,7 @@ class NodeConfig:
         # so everything below compares members.
         object.__setattr__(self, "engine_backend", EngineBackend(self.engine_backend))
         object.__setattr__(self, "seg_type", SegType(self.seg_type))
+        object.__setattr__(self, "mixed_frames_of_reference", MixedFrames(self.mixed_frames_of_reference))
 
     @property
     def spool_dir(self) -> Path:
@@ -308,6 +314,8 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         workers=node.positive("workers", defaults.workers, integer=True),
         quiet_period_s=assemble.positive("quiet_period_s", defaults.quiet_period_s),
         release_settle_s=assemble.positive("release_settle_s", defaults.release_settle_s, allow_zero=True),
+        mixed_frames_of_reference=assemble.choice("mixed_frames_of_reference", MixedFrames,
+                                                  defaults.mixed_frames_of_reference),
         bundles_dir=path_value(engines, "bundles_dir", defaults.bundles_dir),
         bundles=tuple(bundles),
         engine_backend=engines.choice("backend", EngineBackend, defaults.engine_backend),
@@ -343,6 +351,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         stow_in=parse_stow_receive(top.table("dicomweb_in"), base_dir),
         completeness=_completeness(top.table("completeness")),
         review_bundles=review_bundles,
+        qa=parse_qa(top.table("qa")),
         source=source,
     )
     top.finish()

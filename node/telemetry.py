@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,8 @@ OTHER = "(other)"
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 #: One delivery attempt: an association carrying every due object, or a timeout.
 SEND_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+#: Surface Dice of an edited structure: fine steps near 1, where most structures are.
+SURFACE_DICE_BUCKETS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 
 P = ParamSpec("P")
 
@@ -93,6 +95,9 @@ class _Metrics:
     send_seconds: Histogram
     verified: Counter
     unverified: Counter
+    qa_sets: Counter
+    qa_structures: Counter
+    qa_surface_dice: Histogram
     calling_ae: _Bounded
     directory: Path
     open_keys: set[int]
@@ -143,6 +148,13 @@ def _create(directory: Path) -> _Metrics:
         unverified=Counter("dicomseg_results_unverified", "Delivered result objects not found at the destination "
                            "within verify_timeout_s, and so sent again, per destination", ["destination"],
                            registry=None),
+        qa_sets=Counter("dicomseg_qa_sets", "Edited structure sets that came back, per outcome (compared, no AI "
+                        "result to compare, own result, rejected)", ["outcome"], registry=None),
+        qa_structures=Counter("dicomseg_qa_edits", "Structures of the node's results measured against a clinician's "
+                              "edit, per bundle and verdict", ["bundle", "verdict"], registry=None),
+        qa_surface_dice=Histogram("dicomseg_qa_surface_dice", "Surface Dice at 2 mm between the node's structure and "
+                                  "the clinician's edit of it, per bundle", ["bundle"], buckets=SURFACE_DICE_BUCKETS,
+                                  registry=None),
         calling_ae=_Bounded(MAX_CALLING_AES),
         directory=directory,
         open_keys=set(),
@@ -274,6 +286,17 @@ def job_timings(m: _Metrics, bundle: str, timings: Mapping[str, float]) -> None:
     """The seconds of each stage of a finished job (the pipeline's timings, with the worker's ``total``)."""
     for stage, seconds in timings.items():
         m.stage_seconds.labels(bundle, stage).observe(seconds)
+
+
+# ---------------------------------------------------------------------------------------------- edit QA
+@_recorder
+def qa_set(m: _Metrics, outcome: str, structures: Sequence[tuple[str, str, float | None]]) -> None:
+    """An edited structure set was assessed: its outcome, and per structure (bundle, verdict, surface Dice at 2 mm)."""
+    m.qa_sets.labels(outcome).inc()
+    for bundle, verdict, surface_dice in structures:
+        m.qa_structures.labels(bundle or "(added)", verdict).inc()
+        if surface_dice is not None:
+            m.qa_surface_dice.labels(bundle).observe(surface_dice)
 
 
 # ---------------------------------------------------------------------------------------------- send

@@ -25,6 +25,10 @@ from node.spool.index import Index
 
 log = logging.getLogger(__name__)
 
+#: Series of these modalities are structure sets (RTSTRUCT) or segmentations (SEG) coming back: a qa job
+#: compares them with the node's own result for the images they reference.
+EDITED_SET_MODALITIES = frozenset({"RTSTRUCT", "SEG"})
+
 #: How long a series with instances refused for resources waits for the sender to send them again; after
 #: that it is segmented as it is (the sender gave up on them).
 REFUSED_HOLD_S = 3600.0
@@ -83,6 +87,11 @@ class Assembler:
             self.index.set_series_state(series.series_uid, SeriesState.IGNORED, decision.reason)
             log.info("series %s (%s from %s, %d instances) left alone: %s", series.series_uid, series.modality,
                      series.calling_ae or "?", series.instance_count, decision.reason)
+            return
+        if series.modality in EDITED_SET_MODALITIES:  # a structure set back, maybe edited: edit QA (node/jobs/qa.py)
+            job = self.index.dispatch_qa(series.series_uid, "structure set: compared with the node's result (edit QA)")
+            log.info("series %s (%s from %s) stable: queued qa job %d", series.series_uid, series.modality,
+                     series.calling_ae or "?", job)
             return
         facts = SeriesFacts(series.modality, series.sop_class_uid, series.instance_count)
         chosen, reasons = select_bundles([b for b in self.bundles if decision.allows(b.name)], facts)

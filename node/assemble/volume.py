@@ -5,14 +5,18 @@ rescale slope/intercept are applied, and compressed pixel data is decoded (pylib
 libjpeg plugins; RLE and deflate natively). A series that cannot form a volume raises
 :class:`VolumeError` with a sentence that says why and names the attribute and value: a missing,
 non-numeric, NaN/infinite or wrongly encoded (VR) geometry or rescale attribute, direction cosines
-that are not unit-length and orthogonal, a RescaleSlope of 0, instances of several studies, frames
-of reference, patients, SOP classes or modalities in one series, and lossy-compressed images (their
+that are not unit-length and orthogonal, a RescaleSlope of 0, instances of several studies,
+patients, SOP classes or modalities in one series, slices that do not form one stack
+(``node.assemble.stack``: duplicates, missing slices, two stacks) and lossy-compressed images (their
 values are not the scanner's: JPEG baseline changes 16-bit CT by thousands of HU; the node does not
-segment them, the sender can send the lossless original).
+segment them, the sender can send the lossless original). Unevenly spaced slices form a volume whose
+geometry keeps every slice's position; several frames of reference in one regular stack are settled
+by ``node.assemble.frames`` (one chosen by a stated rule, in the volume's notes, or declined).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -26,16 +30,18 @@ from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from node.assemble.frames import settle_frame_of_reference
+from node.assemble.stack import stack_of
 from node.errors import VolumeError
-from node.model.volume import Geometry, Volume
+from node.model.volume import Geometry, MixedFrames, Volume
+
+log = logging.getLogger(__name__)
 
 #: Orientation cosines may differ by this much between slices of one volume.
 ORIENTATION_TOLERANCE = 1e-3
 #: Row and column direction cosines may be this far from unit length, and their dot product this far
 #: from 0 (real headers round them to 4-6 decimals).
 DIRECTION_TOLERANCE = 0.01
-#: Slice spacing may vary by this fraction of the median before the series is refused.
-SPACING_TOLERANCE = 0.1
 #: Largest volume built (≈ 2.4 GiB as float32: a 512×512 CT of 2,300 slices). Larger claims — real or
 #: a header lying about Rows/Columns — are refused before any memory is taken.
 MAX_VOXELS = 600_000_000
@@ -72,10 +78,10 @@ PIXEL_DESCRIPTION = (
     "PixelRepresentation",
     "PlanarConfiguration",
 )
-#: Attributes every instance of one volume must share, and what they identify.
+#: Attributes every instance of one volume must share, and what they identify. (Several
+#: FrameOfReferenceUIDs in one regular stack are settled by node.assemble.frames instead.)
 SAME_IN_SERIES = (
     ("StudyInstanceUID", "one study"),
-    ("FrameOfReferenceUID", "one frame of reference"),
     ("PatientID", "one patient"),
     ("SOPClassUID", "one SOP class"),
     ("Modality", "one modality"),
@@ -209,8 +215,7 @@ PATIENT_IDENTIFIERS = {"PatientID", "PatientName", "PatientBirthDate", "Accessio
 
 
 def check_series_identity(datasets: Sequence[Dataset]) -> None:
-    """Every instance of one volume comes from one study, frame of reference, patient, SOP class and
-    modality."""
+    """Every instance of one volume comes from one study, patient, SOP class and modality."""
     for keyword, what in SAME_IN_SERIES:
         values = Counter(_text(ds, keyword) for ds in datasets)
         if len(values) > 1:
@@ -269,8 +274,11 @@ def _voxel_dtype(datasets: Sequence[Dataset], rescale: Sequence[tuple[float, flo
     return np.int16
 
 
-def build_volume(datasets: Sequence[Dataset]) -> Volume:
-    """Sort, check and stack a single-frame series into a :class:`Volume`."""
+def build_volume(datasets: Sequence[Dataset], *, mixed_frames: MixedFrames = MixedFrames.SEGMENT) -> Volume:
+    """Sort, check and stack a single-frame series into a :class:`Volume`.
+
+    ``mixed_frames`` says what a regular stack whose instances carry several FrameOfReferenceUIDs
+    becomes (see :mod:`node.assemble.frames`)."""
     if not datasets:
         raise VolumeError("the series has no instances")
     first = datasets[0]
@@ -314,48 +322,23 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         raise VolumeError(f"PixelSpacing {list(pixel_spacing)} is not positive")
 
     positions = np.array([_vector(ds, "ImagePositionPatient", 3) for ds in datasets])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    along = along[order]
-    ordered = [datasets[i] for i in order]
-    if len(ordered) > 1:
-        steps = np.diff(along)
-        dup = np.flatnonzero(steps < 1e-3)
-        if dup.size:
-            a, b = ordered[dup[0]], ordered[dup[0] + 1]
-            raise VolumeError(
-                f"instances {_uid_of(a)} and {_uid_of(b)} share the position "
-                f"{along[dup[0]]:.2f} mm along the slice normal; duplicate slices cannot form a volume"
-            )
-        median = float(np.median(steps))
-        bad = np.flatnonzero(np.abs(steps - median) > SPACING_TOLERANCE * median)
-        if bad.size:
-            k = int(bad[0])
-            raise VolumeError(
-                f"slice spacing is not uniform: {steps[k]:.2f} mm between slices {k} and {k + 1} "
-                f"(at {along[k]:.1f} mm along the normal) where the series mostly has {median:.2f} mm"
-                + ("; slices are missing" if steps[k] > median else "")
-            )
-        slice_spacing = median
-        # The step from slice to slice must be the same vector throughout. Along the normal for an
-        # ordinary stack; gantry tilt adds a constant in-plane component (a sheared stack).
-        vectors = np.diff(positions[order], axis=0)
-        slice_step = np.median(vectors, axis=0)
-        deviation = np.linalg.norm(vectors - slice_step, axis=1)
-        if deviation.max() > SPACING_TOLERANCE * np.linalg.norm(slice_step) + 1e-3:
-            k = int(np.argmax(deviation))
-            raise VolumeError(
-                f"slice positions do not form a regular stack: the step from slice {k} to {k + 1} is "
-                f"{np.round(vectors[k], 2).tolist()} mm where the series mostly steps "
-                f"{np.round(slice_step, 2).tolist()} mm"
-            )
+    stack = None
+    if len(datasets) > 1:
+        stack = stack_of(positions, normal, [_uid_of(ds) for ds in datasets])
+        order = stack.order
+        slice_spacing, slice_step = stack.spacing, stack.step
     else:
+        order = np.zeros(1, dtype=np.int64)
         slice_spacing = _number(first, "SpacingBetweenSlices") or _number(first, "SliceThickness") or 1.0
         if slice_spacing <= 0:
             slice_spacing = 1.0
         slice_step = slice_spacing * normal
+    ordered = [datasets[i] for i in order]
+    frame_uid, frame_note = settle_frame_of_reference(
+        [_text(ds, "FrameOfReferenceUID") for ds in ordered], uniform=stack is None or stack.uniform,
+        spacing_mm=float(slice_spacing), policy=mixed_frames)
 
-    if not _text(first, "FrameOfReferenceUID"):
+    if not frame_uid:
         raise VolumeError(
             "the series has no FrameOfReferenceUID: its images are not placed in a patient frame of reference, "
             "so results could not be either"
@@ -399,6 +382,10 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
                 voxels[k] = values
         header = ds.copy()
         del header.PixelData
+        if frame_note:
+            header.FrameOfReferenceUID = frame_uid
+        if stack is not None and not stack.uniform and "SpacingBetweenSlices" in header:
+            del header.SpacingBetweenSlices  # one value cannot describe it; results must not copy it
         headers.append(header)
 
     extents = (len(ordered) * float(slice_spacing), rows * float(pixel_spacing[0]), cols * float(pixel_spacing[1]))
@@ -407,6 +394,8 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
             f"the series spans {extents[0]:.0f} × {extents[1]:.0f} × {extents[2]:.0f} mm (slices × rows × columns), "
             f"more than {MAX_EXTENT_MM:.0f} mm: PixelSpacing {list(pixel_spacing)} or the slice positions are wrong"
         )
+    if frame_note:
+        log.warning("series %s: %s", _text(first, "SeriesInstanceUID") or "?", frame_note)
     geometry = Geometry(
         origin=positions[order][0],
         row_dir=row_dir,
@@ -415,5 +404,6 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         slice_step=slice_step,
         spacing=(float(slice_spacing), float(pixel_spacing[0]), float(pixel_spacing[1])),
         shape=(len(ordered), rows, cols),
+        positions=None if stack is None or stack.uniform else stack.positions,
     )
-    return Volume(voxels=voxels, geometry=geometry, headers=headers)
+    return Volume(voxels=voxels, geometry=geometry, headers=headers, notes=[frame_note] if frame_note else [])

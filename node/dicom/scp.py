@@ -37,6 +37,7 @@ from node import telemetry
 from node.config import NodeConfig, calling_ae_allowed
 from node.dicom.accept import Acceptor
 from node.dicom.admission import Admission
+from node.dicom.brisk import brisk_while_sending, install_brisk_reactor
 from node.dicom.commitment import CommitmentReports
 from node.dicom.guard import PeerGuard
 from node.dicom.header import shown_uid
@@ -108,9 +109,11 @@ class Receiver:
         return ae
 
     def start(self) -> None:
+        install_brisk_reactor()
         ae = self._make_ae()
         handlers = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, brisk_while_sending),
             *self._guard.handlers(),  # first: its EVT_REQUESTED rejects malformed requests
             *([(evt.EVT_CONN_OPEN, _tls_handshake)] if self.cfg.tls.enabled else []),  # after the guard's
             (evt.EVT_REQUESTED, self._on_requested),

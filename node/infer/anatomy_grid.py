@@ -171,6 +171,64 @@ def fill_holes_inplane(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def disk(radius: int) -> np.ndarray:
+    """An in-plane disk of ``radius`` voxels as a (1, 2r+1, 2r+1) structuring element."""
+    y, x = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    return (x * x + y * y <= radius * radius)[None]
+
+
+def fill_enclosed_inplane(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``fill_holes_inplane``, and also the background that reaches the plane's outside only through
+    openings narrower than a disk of ``radius`` voxels, where it is wider than that disk inside.
+
+    The outside is what a disk of that radius sweeps, moving through the background from the plane's
+    edge: a cavity behind a narrow gap (an air-filled skull whose thin bone reads below the threshold
+    in places, a sinus, gas in a bowel loop at a thin wall) is not reached and is filled; a slit (the air
+    between an arm and the trunk) is narrower than the disk everywhere and stays out. Where the mask
+    touches the image's edge (a field of view that cuts the patient), the edge is a wall: the outside
+    comes in from the image's corners and the mask's other sides, not through the cut.
+    """
+    filled = fill_holes_inplane(mask)
+    tight = bbox(mask)
+    if radius < 1 or tight is None:
+        return filled
+    margin = radius + 1
+    box: list[slice] = [tight[0]]
+    pads: list[tuple[int, int]] = [(0, 0)]
+    for b, n in zip(tight[1:], mask.shape[1:], strict=True):
+        lo, hi = max(b.start - margin, 0), min(b.stop + margin, n)
+        box.append(slice(lo, hi))
+        pads.append((margin if lo == 0 else 0, margin if hi == n else 0))  # an image edge: replicated
+    air = ~np.pad(filled[tuple(box)], pads, mode="edge")
+    footprint = disk(radius)
+    core = ndimage.minimum_filter(air.view(np.uint8), footprint=footprint, mode="constant", cval=1).view(bool)
+    # Seeds: the array's rim on the sides that are not image edges, and its corners.
+    rim = np.zeros(air.shape[1:], dtype=bool)
+    rim[[0, 0, -1, -1], [0, -1, 0, -1]] = True
+    rim[0, :] |= pads[1][0] == 0
+    rim[-1, :] |= pads[1][1] == 0
+    rim[:, 0] |= pads[2][0] == 0
+    rim[:, -1] |= pads[2][1] == 0
+    seeds = core & rim
+    unseeded = ~seeds.any(axis=(1, 2))  # a plane filled to all its edges and corners: every edge is open
+    if unseeded.any():
+        ring = np.zeros(air.shape[1:], dtype=bool)
+        ring[[0, -1], :] = ring[:, [0, -1]] = True
+        seeds[unseeded] = core[unseeded] & ring
+    labels, _ = ndimage.label(core, structure=INPLANE8)
+    ids = np.unique(labels[seeds])
+    reached = ndimage.maximum_filter(np.isin(labels, ids[ids > 0]).view(np.uint8), footprint=footprint,
+                                     mode="constant", cval=0).view(bool) & air
+    enclosed = air & ~reached
+    labels, _ = ndimage.label(enclosed, structure=INPLANE4)
+    wide = np.unique(labels[ndimage.minimum_filter(enclosed.view(np.uint8), footprint=footprint, mode="constant",
+                                                   cval=1).view(bool)])
+    cavities = np.isin(labels, wide[wide > 0])
+    inner = tuple(slice(lo, cavities.shape[a + 1] - hi) for a, (lo, hi) in enumerate(pads[1:]))
+    filled[tuple(box)] |= cavities[(slice(None), *inner)]
+    return filled
+
+
 def label_stats(labels: np.ndarray, n: int, mask: np.ndarray, frame: CoarseFrame,
                  hu: np.ndarray, pure_hu: float) -> dict[str, np.ndarray]:
     """Per-label voxel count, mean HU, fraction under ``pure_hu``, mean patient x and plane, from

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from node.infer.anatomy_grid import BODY, LEFT_LUNG, RIGHT_LUNG, CoarseFrame, bbox, erode, fill_holes_inplane
-from node.infer.body import BODY_HU
+from node.infer.anatomy_grid import BODY, LEFT_LUNG, RIGHT_LUNG, CoarseFrame, bbox, erode, fill_enclosed_inplane
+from node.infer.body import BODY_HU, gap_radius
 from node.infer.lungs import LUNG_HU
 
 
@@ -93,7 +93,7 @@ def to_full(labels: np.ndarray, bands: np.ndarray, voxels: np.ndarray, frame: Co
     full = labels > 0
     full[kc, ic, jc] = inside == present
     inverse = tuple(int(a) for a in np.argsort(frame.order))
-    filled = fill_holes_inplane(np.ascontiguousarray(touched.transpose(frame.order)))
+    filled = fill_enclosed_inplane(np.ascontiguousarray(touched.transpose(frame.order)), gap_radius(frame.spacing))
     interior = erode(filled, 3).transpose(inverse)
     kh, ih, jh = np.nonzero(interior & ~full)
     for _valid, flat in _blocks(kh, ih, jh, factors, shape):

@@ -3,7 +3,8 @@ the whole method).
 
 Tissue is ``HU > BODY_HU``; an in-plane opening cuts the couch off, the largest 3-D component and the
 body-like others (arms, legs) are kept, details and shells the opening shaved off come back, and holes
-are filled plane by plane.
+are filled plane by plane, and so is air that reaches the outside only through a gap narrower than
+``GAP_MAX_MM`` (an air-filled skull whose thin bone reads below ``BODY_HU`` in places).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from node.infer.anatomy_grid import (
     bbox,
     dilate,
     erode,
+    fill_enclosed_inplane,
     fill_holes_inplane,
     shape_of,
 )
@@ -41,7 +43,17 @@ DETAIL_MAX_MM = 40.0
 #: scalp) when it surrounds its centre (this fraction of directions) in this fraction of its planes.
 SHELL_MIN_COVERAGE = 0.8
 SHELL_MIN_PLANES = 0.25
+#: Air inside the body that reaches the outside only through openings narrower than this (in-plane,
+#: on the coarse grid) is enclosed, and filled like a hole: a skull phantom's air behind bone that
+#: partial volume brings below BODY_HU, a sinus, bowel gas at a thin wall. Slits narrower than this
+#: everywhere (between an arm and the trunk) stay out.
+GAP_MAX_MM = 8.0
 _SECTORS = 36
+
+
+def gap_radius(spacing: tuple[float, float, float]) -> int:
+    """Radius (coarse voxels) of the disk that passes only through openings of at least ``GAP_MAX_MM``."""
+    return max(1, int(np.ceil((GAP_MAX_MM / min(spacing[1], spacing[2]) - 1) / 2)))
 
 
 def _odd(mm: float, spacing: float) -> int:
@@ -105,7 +117,7 @@ def body_coarse(hu: np.ndarray, frame: CoarseFrame) -> np.ndarray:
     # touching the back, a head cradle) stay out.
     residual = tissue & ~opened
     if not residual.any():
-        return fill_holes_inplane(body)
+        return fill_enclosed_inplane(body, gap_radius(frame.spacing))
     rlabels, rn = ndimage.label(residual, structure=CONN6)
     touching = np.zeros(rn + 1, dtype=bool)
     touching[np.unique(rlabels[dilate(body, 3) & residual])] = True
@@ -129,7 +141,7 @@ def body_coarse(hu: np.ndarray, frame: CoarseFrame) -> np.ndarray:
         inner = np.unique(labels[near & opened])
         inner = inner[inner > 0]
         body |= np.isin(labels, inner)
-    return fill_holes_inplane(body)
+    return fill_enclosed_inplane(body, gap_radius(frame.spacing))
 
 
 def _is_shell(piece: np.ndarray, frame: CoarseFrame) -> bool:

@@ -3,7 +3,9 @@
 A bundle declares everything the pipeline needs: which series it applies to and which it must
 decline (coverage), the preprocessing, how the network is run (a sliding window of patches, or one
 fixed block), the post-processing, the labels (names, SNOMED CT codes, colours, RT ROI interpreted
-types), the algorithm's identity and the model file with its sha256. Adding a model means adding a
+types), how their contours are cleaned and smoothed (``[contours]``: minimum part and hole areas per RT
+ROI type or label, half-pixel smoothing; node/write/clean.py), the algorithm's identity and the model
+file with its sha256. Adding a model means adding a
 directory; the README walks through one.
 
 Two kinds of model: ``kind = "onnx"`` (a network run by the configured engine) and
@@ -17,6 +19,7 @@ ground floor (:mod:`node.model.bundle`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tomllib
 from pathlib import Path
@@ -24,9 +27,13 @@ from pathlib import Path
 from node.errors import BundleError
 from node.model.bundle import (
     BUILTIN_ALGORITHMS,
+    DEFAULT_CONTOUR_RULES,
     RT_ROI_TYPES,
     Bundle,
     Code,
+    ContourOptions,
+    ContourRule,
+    ContourSmoothing,
     Coverage,
     CpuOptions,
     GpuOptions,
@@ -38,6 +45,7 @@ from node.model.bundle import (
 )
 from node.model.enums import Activation, CpuPrecisionRequest, Crop, ModelKind, PrecisionRequest, WindowMode
 from node.model.tables import Table
+from node.model.volume import UnevenSlices
 
 PATIENT_DIRECTIONS = set("LRAPSI")
 
@@ -120,6 +128,15 @@ def _model(top: Table, labels: tuple[Label, ...]) -> tuple[ModelKind, str, Path 
     return kind, "", directory / m.require("file", str), m.require("sha256", str).lower(), m
 
 
+def _uneven_slices(p: Table) -> UnevenSlices:
+    """``uneven_slices``: "resample" only for a network that resamples to its own ``spacing_mm`` anyway."""
+    policy = p.choice("uneven_slices", UnevenSlices, UnevenSlices.DECLINE)
+    if policy is UnevenSlices.RESAMPLE and _triple(p, "spacing_mm") is None:
+        raise p.fail("uneven_slices", "is \"resample\" but spacing_mm is not set: a network that runs on the "
+                     "native grid cannot be given a resampled stack; use \"decline\"")
+    return policy
+
+
 def _preprocess(p: Table) -> Preprocess:
     median_size = p.get("median_size", int, 0)
     if median_size < 0 or (median_size and median_size % 2 == 0):
@@ -133,6 +150,7 @@ def _preprocess(p: Table) -> Preprocess:
         orientation=_orientation(p, "orientation"),
         intermediate_spacing_mm=_triple(p, "intermediate_spacing_mm"),
         median_size=median_size,
+        uneven_slices=_uneven_slices(p),
         crop=p.choice("crop", Crop, Crop.NONE),
         crop_max_mm=_triple(p, "crop_max_mm"),
     )
@@ -178,6 +196,44 @@ def _cpu_options(c: Table, gpu: GpuOptions) -> CpuOptions:
         raise c.fail("min_dice", f"is {min_dice!r}; expected a Dice coefficient in [0, 1]")
     return CpuOptions(precision=c.choice("precision", CpuPrecisionRequest, CpuPrecisionRequest.AUTO),
                       max_abs_difference=max_abs, min_dice=min_dice)
+
+
+def _rule_values(t: Table) -> dict[str, object]:
+    """The :class:`ContourRule` keys one table of ``[contours]`` sets (the others are inherited)."""
+    values: dict[str, object] = {}
+    for key in ("min_island_mm2", "min_hole_mm2"):
+        area = t.positive(key, None, allow_zero=True)
+        if area is not None:
+            values[key] = area
+    keep_holes = t.get("keep_holes", bool, None)
+    if keep_holes is not None:
+        values["keep_holes"] = keep_holes
+    if "smoothing" in t:
+        values["smoothing"] = t.choice("smoothing", ContourSmoothing)
+    return values
+
+
+def _named_rules(t: Table, key: str, known: set[str], what: str) -> dict[str, dict[str, object]]:
+    """``[contours.<key>.<name>]`` tables: per RT ROI type or per label name."""
+    tables = t.table(key)
+    unknown = sorted(set(tables.data) - known)
+    if unknown:
+        raise tables.fail(unknown[0], f"names no {what}; expected one of {sorted(known)}")
+    return {name: _rule_values(tables.table(name)) for name in list(tables.data)}
+
+
+def _contours(c: Table, labels: tuple[Label, ...]) -> ContourOptions:
+    """``[contours]``: each label's rule; per key, a label's own table wins over its RT ROI type's, then the
+    table's top-level keys, then the built-in rule of its type (node.model.bundle.DEFAULT_CONTOUR_RULES)."""
+    common = _rule_values(c)
+    by_type = _named_rules(c, "roi_types", set(RT_ROI_TYPES), "RT ROI interpreted type")
+    by_label = _named_rules(c, "labels", {label.name for label in labels}, "label of this bundle")
+    rules = []
+    for label in labels:
+        values = {**common, **by_type.get(label.rt_roi_type, {}), **by_label.get(label.name, {})}
+        base = DEFAULT_CONTOUR_RULES.get(label.rt_roi_type, ContourRule())
+        rules.append((label.value, dataclasses.replace(base, **values)))  # type: ignore[arg-type]
+    return ContourOptions(tuple(rules))
 
 
 def load_bundle(directory: Path) -> Bundle:
@@ -240,6 +296,7 @@ def load_bundle(directory: Path) -> Bundle:
         enabled_by_default=b.get("enabled_by_default", bool, True),
         gpu=gpu,
         cpu=_cpu_options(top.table("cpu"), gpu),
+        contours=_contours(top.table("contours"), labels),
     )
     top.finish()
     return bundle

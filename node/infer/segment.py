@@ -9,6 +9,7 @@ from node.infer.coverage import check_coverage
 from node.infer.engine import Engine, device_pipeline
 from node.infer.memory import release_free_memory
 from node.infer.transforms import labels_on_native_grid, postprocess, to_model_grid
+from node.infer.uneven import segment_uneven
 from node.infer.window import sliding_window
 from node.model.bundle import Bundle
 from node.model.enums import ModelKind, WindowMode
@@ -55,6 +56,8 @@ def segment_volume(volume: Volume, bundle: Bundle, engine: Engine | None) -> np.
     Raises :class:`node.errors.Declined` when the series is outside the bundle's coverage.
     """
     check_coverage(bundle, volume.geometry)
+    if not volume.geometry.is_uniform and bundle.model_kind is not ModelKind.BUILTIN:
+        return segment_uneven(volume, bundle, engine, segment_volume)  # a network: via a regular grid
     release_free_memory()  # what an earlier job left in the heap
     if bundle.model_kind is ModelKind.BUILTIN:
         labels = _builtin(volume, bundle)

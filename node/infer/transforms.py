@@ -212,3 +212,21 @@ def mask_to_grid(mask: np.ndarray, spacing: tuple[float, float, float], target: 
         region.append(slice(start, stop))
     out[tuple(region)] = image > 0.5
     return out
+
+
+def resample_slices_at(image: np.ndarray, along: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Linear interpolation along axis 0 of a (D, H, W) stack whose slices lie at ``along`` mm
+    (increasing, possibly uneven) to slices at ``targets`` mm, as float32; targets beyond the ends
+    take the end slice."""
+    along = np.asarray(along, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    if len(along) == 1:
+        return np.repeat(np.asarray(image[:1], dtype=np.float32), len(targets), axis=0)
+    lo = np.clip(np.searchsorted(along, targets, side="right") - 1, 0, len(along) - 2)
+    w = np.clip((targets - along[lo]) / (along[lo + 1] - along[lo]), 0.0, 1.0).astype(np.float32)
+    out = np.take(image, lo, axis=0).astype(np.float32, copy=False)
+    high = np.take(image, lo + 1, axis=0).astype(np.float32, copy=False)
+    high -= out
+    high *= w[:, None, None]
+    out += high
+    return out

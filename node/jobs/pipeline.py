@@ -5,9 +5,10 @@ offline ``segment`` command share, so both produce the same objects (the same UI
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from node.infer.segment import segment_volume
 from node.model.bundle import Bundle
 from node.model.enums import SegType
 from node.model.records import StructureVolume
-from node.model.volume import Volume
+from node.model.volume import MixedFrames, Volume
+from node.write.clean import Cleaning, clean_labels
+from node.write.contour_check import describe
 from node.write.files import WrittenObject, write_preview, write_results
 from node.write.provenance import Provenance
 from node.write.result import Result, label_mask, present_labels
@@ -39,6 +42,7 @@ class JobOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""  # something the user should know about the result
     volumes: list[StructureVolume] = field(default_factory=list)  # each structure found, with its volume
+    contours: str = ""  # the RTSTRUCT's contour check, per ROI (node.write.contour_check.describe)
 
 
 class _Stopwatch:
@@ -92,15 +96,62 @@ def check_volume_series(volume: Volume, bundle: Bundle) -> None:
 
 
 def structure_volumes(result: Result) -> list[StructureVolume]:
-    """Each structure found and its volume in mL (voxels × the voxel's volume on the image grid)."""
-    dz, dy, dx = result.volume.geometry.spacing
-    voxel_ml = abs(dz * dy * dx) / 1000.0
-    return [StructureVolume(label.name, round(float(np.count_nonzero(label_mask(result.labels, label))) * voxel_ml, 1))
+    """Each structure found and its volume in mL (voxels × the voxel's volume on the image grid; on an
+    uneven stack each slice counts with its own thickness, half the gap to each neighbour)."""
+    geometry = result.volume.geometry
+    pixel_ml = abs(geometry.spacing[1] * geometry.spacing[2]) / 1000.0
+    thickness = np.abs(geometry.slice_thicknesses())
+    return [StructureVolume(label.name, round(float(
+                np.count_nonzero(label_mask(result.labels, label), axis=(1, 2)) @ thickness) * pixel_ml, 1))
             for label in result.found]
 
 
+class SeriesVolume:
+    """One series' volume, read and assembled once for every job of the series that runs on it.
+
+    The first :meth:`get` reads the files and builds the volume (or meets the error that every job of
+    the series would meet: it is kept and raised again to each); later calls, from this thread or
+    another, get the same :class:`Volume`. Its voxels are made read-only: the jobs share them, and a
+    step that changed them in place would change every other bundle's input, so it fails loudly instead.
+    """
+
+    def __init__(self, paths: Sequence[Path] | Callable[[], Sequence[Path]],
+                 mixed_frames: MixedFrames = MixedFrames.SEGMENT) -> None:
+        self.paths = paths  # or how to look them up, at the first get() (where an error is the job's)
+        self.mixed_frames = mixed_frames
+        self._lock = threading.Lock()
+        self._volume: Volume | None = None
+        self._error: Exception | None = None
+        self._built = False
+
+    def get(self) -> tuple[Volume, dict[str, float]]:
+        """The volume, and what getting it cost this caller: ``read`` and ``assemble`` seconds for the
+        call that built it, ``shared_volume`` (the wait for another job's build) for the others."""
+        started = time.perf_counter()
+        with self._lock:
+            if self._built:
+                if self._error is not None:
+                    raise self._error
+                assert self._volume is not None
+                return self._volume, {"shared_volume": round(time.perf_counter() - started, 3)}
+            self._built = True
+            watch = _Stopwatch()
+            try:
+                datasets = read_series(self.paths() if callable(self.paths) else self.paths)
+                watch.lap("read")
+                volume = build_volume(datasets, mixed_frames=self.mixed_frames)
+                del datasets
+                watch.lap("assemble")
+            except Exception as exc:
+                self._error = exc
+                raise
+            volume.voxels.flags.writeable = False
+            self._volume = volume
+            return volume, watch.timings
+
+
 def run_job(
-    paths: Sequence[Path],
+    paths: Sequence[Path] | SeriesVolume,
     bundle: Bundle,
     engine: Engine | None,
     out_dir: Path,
@@ -112,19 +163,25 @@ def run_job(
     preview_sc: bool = False,
     seg_type: SegType = SegType.BINARY,
     derive_missing_uids: bool = False,
+    mixed_frames: MixedFrames = MixedFrames.SEGMENT,
 ) -> JobOutcome:
-    """Read, assemble, segment and write one series with one bundle; return what was written."""
+    """Read, assemble, segment and write one series with one bundle; return what was written.
+
+    ``paths`` are the series' files, or a :class:`SeriesVolume` that the jobs of the series share (read and
+    assembled once; ``mixed_frames`` is then the one it was made with).
+    """
+    source = paths if isinstance(paths, SeriesVolume) else SeriesVolume(paths, mixed_frames)
+    volume, got = source.get()
     watch = _Stopwatch()
-    datasets = read_series(paths)
-    watch.lap("read")
-    volume = build_volume(datasets)
-    del datasets
-    watch.lap("assemble")
-    note = derive_missing_filing_uids(volume) if derive_missing_uids else ""
+    watch.timings.update(got)
+    notes = [*volume.notes, derive_missing_filing_uids(volume) if derive_missing_uids else ""]
+    note = "; ".join(n for n in notes if n)  # e.g. the frame of reference chosen among several
     check_volume_series(volume, bundle)
     series_uid = str(volume.headers[0].SeriesInstanceUID)
     labels = segment_volume(volume, bundle, engine)
     watch.lap("infer")
+    _log_cleaning(clean_labels(labels, bundle, volume.geometry), series_uid, bundle)  # before both writers
+    watch.lap("clean")
     found = present_labels(labels, bundle)
     if not found:
         raise Declined(f"{bundle.name} found none of its structures "
@@ -146,4 +203,12 @@ def run_job(
         timings=watch.timings,
         note=note,
         volumes=volumes,
+        contours=next((describe(o.contour_checks) for o in objects if o.contour_checks), ""),
     )
+
+
+def _log_cleaning(cleaned: list[Cleaning], series_uid: str, bundle: Bundle) -> None:
+    changes = [f"{c.name}: {c.parts_dropped} parts dropped, {c.holes_filled} holes filled ({c.pixels_changed} px)"
+               for c in cleaned if c.pixels_changed]
+    if changes:
+        log.info("%s on %s: cleaned %s", bundle.id, series_uid, "; ".join(changes))

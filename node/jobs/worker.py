@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -39,9 +40,11 @@ from node.errors import Declined, NodeError, Retryable, Superseded
 from node.infer.backends.loader import EngineLoader
 from node.infer.backends.registry import LAST_RESORT
 from node.infer.manifest import discover_bundles
-from node.jobs.pipeline import run_job
+from node.jobs.pipeline import SeriesVolume, run_job
+from node.jobs.qa import run_qa_job
+from node.jobs.series import run_series
 from node.model.bundle import Bundle
-from node.model.enums import EngineBackend
+from node.model.enums import EngineBackend, JobKind
 from node.model.records import JobRecord, JobState
 from node.model.routing import SourceFacts
 from node.send.routing import held_destinations, route_results
@@ -190,7 +193,7 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
     claim_failure = ""
     while not worker.stopping():
         try:
-            job = index.claim_job(spec.name, generation=spec.generation or None)
+            jobs = index.claim_series_jobs(spec.name, generation=spec.generation or None)
         except Superseded as exc:
             log.error("%s; exiting", exc)
             break
@@ -201,11 +204,12 @@ def _worker_main(spec: WorkerSpec, stop: mp.synchronize.Event,
             stop.wait(1.0)
             continue
         claim_failure = ""
-        if job is None:
+        if not jobs:
             stop.wait(0.2)
             continue
-        try:
-            worker.run(job)
+        try:  # the jobs of one series, claimed together, run on one volume (node/jobs/series.py)
+            run_series(worker, jobs, functools.partial(index.instance_paths, jobs[0].series_uid),
+                       cfg.mixed_frames_of_reference)
         except Superseded as exc:
             log.error("%s; exiting", exc)
             break
@@ -260,7 +264,9 @@ class _Worker:
                 log.info("job %d: recorded that it %s, after %s", job_id, what, failure)
             return result
 
-    def run(self, job: JobRecord) -> None:
+    def run(self, job: JobRecord, shared: SeriesVolume | None = None) -> None:
+        if job.kind is JobKind.QA:  # an edited structure set back: no bundle, no engine (node/jobs/qa.py)
+            return run_qa_job(self, job)
         index, cfg, owner = self.index, self.cfg, self.owner
         bundle = self.bundles.get(job.bundle)
         if bundle is None:
@@ -277,9 +283,8 @@ class _Worker:
         log.info("job %d: %s on series %s (attempt %d)", job.id, bundle.id, job.series_uid, job.attempts)
         try:
             engine = self.factory.get(bundle).engine
-            paths = index.instance_paths(job.series_uid)
             outcome = run_job(
-                paths,
+                shared if shared is not None else index.instance_paths(job.series_uid),
                 bundle,
                 engine,
                 cfg.job_result_dir(job.id),
@@ -291,6 +296,7 @@ class _Worker:
                     cfg.held_for_review(d, bundle.name) for d in cfg.destinations),
                 preview_sc=cfg.preview_sc,
                 seg_type=cfg.seg_type,
+                mixed_frames=cfg.mixed_frames_of_reference,
             )
         except Declined as exc:
             log.info("job %d declined: %s", job.id, exc)
@@ -307,6 +313,8 @@ class _Worker:
         routed = route_results(cfg.destinations, bundle.name, outcome.objects, facts)
         held = held_destinations(cfg, bundle.name, routed.outbox)
         note = routed.note + (f"; held for review: {', '.join(sorted(held))}" if held else "")
+        note = f"{outcome.note}; {note}" if outcome.note else note  # e.g. which frame of reference, and why
+        note += f"; contours: {outcome.contours}" if outcome.contours else ""
         ended = self.record(job.id, "is done", lambda: index.finish_job(
             job.id,
             result_dir=str(outcome.objects[0].path.parent) if outcome.objects else "",
@@ -332,6 +340,12 @@ class _Worker:
             timings["total"],
             timings,
         )
+
+    def put_back(self, job: JobRecord, why: str) -> None:
+        """Return a claimed job that did not start to the queue, uncounted, due at once."""
+        index, owner = self.index, self.owner
+        self.record(job.id, "went back to the queue", lambda: index.defer_job(
+            job.id, why, ran=False, backoff_s=0.0, max_backoff_s=0.0, give_up_after=RESOURCE_RUN_LIMIT, owner=owner))
 
     def failed(self, job: JobRecord, exc: Exception) -> None:
         """Record a failed run: back to the queue with a backoff for a shortage that may pass, else failed."""

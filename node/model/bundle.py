@@ -7,10 +7,12 @@ types; assembly (which bundles apply), inference (pre/post-processing, window, e
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
 from node.model.enums import Activation, CpuPrecisionRequest, Crop, ModelKind, PrecisionRequest, WindowMode
+from node.model.volume import UnevenSlices
 
 #: Built-in (rule-based) algorithms a bundle may name, and the label values each produces.
 BUILTIN_ALGORITHMS = {"body-lungs": (1, 2, 3)}
@@ -60,6 +62,9 @@ class Preprocess:
     #: Resample to this spacing and median-filter there before going to ``spacing_mm`` (None: skip).
     intermediate_spacing_mm: tuple[float, float, float] | None = None
     median_size: int = 0  # median filter size at the intermediate spacing (0: none)
+    #: A stack whose slices are not evenly spaced: declined, or resampled along the slices to a regular grid
+    #: first (node.infer.uneven; only for a network that resamples to ``spacing_mm`` anyway).
+    uneven_slices: UnevenSlices = UnevenSlices.DECLINE
     crop: Crop = Crop.NONE  # ABDOMEN: the body's box, at most crop_max_mm, centred on the liver dome region
     crop_max_mm: tuple[float, float, float] | None = None
 
@@ -100,6 +105,50 @@ class Postprocess:
     min_volume_ml: float
     threshold: float = 0.5  # sigmoid outputs: probability above which a voxel is in the structure
     open_model_grid: bool = False  # erode, keep the largest component, dilate — on the model's grid
+
+
+class ContourSmoothing(enum.StrEnum):
+    """How a traced contour is smoothed (node/write/contours.py)."""
+
+    NONE = "none"  # the pixel outline as traced (through pixel-edge midpoints)
+    HALF_PIXEL = "half-pixel"  # rounded staircases; no point moves by more than MAX_SMOOTHING_SHIFT_PX
+
+
+#: The most a smoothed contour point moves, in pixels: under half a pixel, and under the 0.354 px between a
+#: traced contour's 45° chamfers and the nearest pixel centre, so the smoothed polygon, filled by pixel
+#: centres, gives back exactly the pixels of the mask (the SEG) it was traced from.
+MAX_SMOOTHING_SHIFT_PX = 0.35
+
+
+@dataclass(frozen=True)
+class ContourRule:
+    """How one structure's mask is cleaned before both writers (node/write/clean.py) and traced.
+
+    Areas are in-plane (mm² on each slice): the pixels a part or hole covers times the pixel area.
+    """
+
+    min_island_mm2: float = 10.0  # a part (4-connected on its slice) smaller than this is dropped
+    min_hole_mm2: float = 10.0  # a hole smaller than this is filled
+    keep_holes: bool = True  # False: every hole is filled, whatever its size
+    smoothing: ContourSmoothing = ContourSmoothing.HALF_PIXEL
+
+
+#: Built-in rules by RT ROI interpreted type (other types: ``ContourRule()``): the External is one outline
+#: per part, without holes, and parts under 0.5 cm² (specks outside the skin) are dropped.
+DEFAULT_CONTOUR_RULES = {"EXTERNAL": ContourRule(min_island_mm2=50.0, keep_holes=False)}
+
+
+@dataclass(frozen=True)
+class ContourOptions:
+    """Each label's :class:`ContourRule`, as the manifest's ``[contours]`` table resolved them."""
+
+    rules: tuple[tuple[int, ContourRule], ...] = ()  # (label value, rule); a label not listed: the built-in rule
+
+    def rule(self, label: Label) -> ContourRule:
+        for value, rule in self.rules:
+            if value == label.value:
+                return rule
+        return DEFAULT_CONTOUR_RULES.get(label.rt_roi_type, ContourRule())
 
 
 @dataclass(frozen=True)
@@ -150,6 +199,7 @@ class Bundle:
     enabled_by_default: bool = True
     gpu: GpuOptions = GpuOptions()
     cpu: CpuOptions = CpuOptions()
+    contours: ContourOptions = ContourOptions()  # cleaning and smoothing of the written contours
 
     @property
     def id(self) -> str:

@@ -115,3 +115,30 @@ class RuleAction(enum.StrEnum):
 
     SEGMENT = "segment"
     IGNORE = "ignore"
+
+
+class JobKind(enum.StrEnum):
+    """``jobs.kind``: what a job does with its series (the worker dispatches on it)."""
+
+    SEGMENT = "segment"  # run a bundle on an image series, write and send its results
+    QA = "qa"  # edit QA: compare an edited structure set that came back with the node's own result (node/qa)
+
+
+class EditVerdict(enum.StrEnum):
+    """Edit QA: what a clinician did to one structure of the node's result (thresholds in ``[qa]``)."""
+
+    UNCHANGED = "unchanged"
+    MINOR = "minor edit"
+    MAJOR = "major edit"
+    ADDED = "added by clinician"  # in the edited set only
+    DELETED = "deleted by clinician"  # in the node's result only (or emptied)
+    NOT_COMPARED = "not compared"  # the structure's contours could not be placed (its note says why)
+
+
+class QaOutcome(enum.StrEnum):
+    """Edit QA: what became of one edited structure set (an RTSTRUCT or SEG instance that came back)."""
+
+    COMPARED = "compared"  # matched with the node's result and measured, structure by structure
+    NO_AI_RESULT = "no AI result to compare"  # it references a series the node never segmented (or no longer has)
+    OWN_RESULT = "own result"  # it is one of the node's own results coming back: nothing to compare
+    REJECTED = "rejected"  # unusable input (unreadable, no referenced series, too many ROIs): the reason is kept

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.model.enums import JobKind
+
 
 class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"  # instances still arriving (or not yet quiet)
@@ -85,6 +87,7 @@ class JobRecord:
     calling_ae: str = ""  # the series' sender: the queue is shared round-robin across senders
     note: str = ""  # where the results went and why (routing), or why nowhere
     structures: tuple[StructureVolume, ...] = ()  # what the job found, with volumes (empty until done)
+    kind: JobKind = JobKind.SEGMENT  # SEGMENT: run the bundle; QA: compare an edited structure set (node/qa)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Readers of DICOM objects that other systems write (RT Structure Sets)."""
+"""Readers of DICOM objects that other systems write (RT Structure Sets; Segmentations in node.read.seg)."""
 
 from node.read.rtstruct import (
     Contour,

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from skimage.draw import polygon as fill_polygon
 
 from node.errors import Permanent
 from node.model.volume import Geometry, Volume
@@ -274,8 +273,7 @@ def _slice_index(
                 f"{where} references no image of the volume and its ROI is in frame of reference {roi_frame}, "
                 f"not the volume's {volume_frame}"
             )
-        step = float(geometry.slice_step @ geometry.normal) or spacing
-        k = int(np.clip(np.rint(float(along.mean()) / step), 0, geometry.shape[0] - 1))
+        k = int(np.argmin(np.abs(geometry.along_normal() - float(along.mean()))))  # even or uneven stacks
     distance = float(np.mean((contour.points - geometry.slice_position(k)) @ geometry.normal))
     if abs(distance) > 0.5 * spacing + 1e-6:
         place = f"the plane of slice {k}" + (f" (image {uid})" if uid and index else ", the nearest slice")
@@ -283,6 +281,42 @@ def _slice_index(
             f"{where} lies {distance:+.2f} mm from {place}, more than half the slice spacing of {spacing:.2f} mm"
         )
     return k
+
+
+def fill_polygon(rows: np.ndarray, cols: np.ndarray, layer: np.ndarray) -> None:
+    """Set ``layer`` (a bool image, overwritten) True at the pixels whose centre lies inside the polygon.
+
+    A scanline fill, even-odd: for each pixel row, the edges crossing its centre line (half-open in the
+    row direction, so a vertex on the line counts once) give sorted crossings, and the pixels between the
+    first and second, third and fourth, ... are inside. Vectorised over all rows and edges at once: a
+    pixel-edge contour of a body outline (thousands of vertices) fills in about a millisecond.
+    """
+    layer[:] = False
+    height, width = layer.shape
+    r0, c0 = rows, cols
+    r1, c1 = np.roll(rows, -1), np.roll(cols, -1)
+    lo, hi = np.minimum(r0, r1), np.maximum(r0, r1)
+    first, last = max(0, int(np.ceil(lo.min()))), min(height - 1, int(np.floor(hi.max())))
+    if last < first:
+        return
+    centres = np.arange(first, last + 1, dtype=np.float64)
+    crossing = (lo[:, None] <= centres[None, :]) & (centres[None, :] < hi[:, None])
+    edge, row = np.nonzero(crossing)
+    if edge.size == 0:
+        return
+    t = (centres[row] - r0[edge]) / (r1[edge] - r0[edge])
+    x = c0[edge] + t * (c1[edge] - c0[edge])
+    order = np.lexsort((x, row))
+    row, x = row[order], x[order]
+    starts, ends = x[0::2], x[1::2]
+    line = row[0::2] + first
+    begin = np.clip(np.ceil(starts), 0, width).astype(np.int64)
+    end = np.clip(np.ceil(ends), 0, width).astype(np.int64)
+    keep = end > begin
+    marks = np.zeros((height, width + 1), dtype=np.int32)
+    np.add.at(marks, (line[keep], begin[keep]), 1)
+    np.add.at(marks, (line[keep], end[keep]), -1)
+    layer[:] = np.cumsum(marks[:, :width], axis=1) > 0
 
 
 def rasterise(
@@ -318,8 +352,6 @@ def rasterise(
         offset = contour.points - geometry.slice_position(k)
         rows = offset @ geometry.col_dir / geometry.spacing[1]
         cols = offset @ geometry.row_dir / geometry.spacing[2]
-        rr, cc = fill_polygon(rows, cols, shape=geometry.shape[1:])
-        layer[:] = False
-        layer[rr, cc] = True
+        fill_polygon(rows, cols, layer)
         mask[k] ^= layer
     return mask

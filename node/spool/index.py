@@ -19,6 +19,7 @@ from node.spool.index_db import SCHEMA, IndexDb
 from node.spool.index_instances import InstanceRows
 from node.spool.index_jobs import JobRows
 from node.spool.index_outbox import OutboxRows
+from node.spool.index_qa import QaRows
 from node.spool.index_retention import DeletedSeries, RetentionRows, SeriesUsage
 from node.spool.index_reviews import ReviewRows
 from node.spool.index_series import SeriesRows
@@ -26,5 +27,6 @@ from node.spool.index_series import SeriesRows
 __all__ = ["SCHEMA", "DeletedSeries", "DestinationReach", "Index", "IndexDb", "SeriesUsage"]
 
 
-class Index(InstanceRows, SeriesRows, JobRows, OutboxRows, RetentionRows, CountRows, ReviewRows, CompletenessRows):
+class Index(InstanceRows, SeriesRows, JobRows, OutboxRows, RetentionRows, CountRows, ReviewRows, CompletenessRows,
+            QaRows):
     """Instances, series, jobs and the outbox, in one SQLite file."""

@@ -89,6 +89,38 @@ CREATE TABLE IF NOT EXISTS reviews (
     note TEXT NOT NULL DEFAULT '',
     released INTEGER NOT NULL DEFAULT 0
 );
+-- Edit QA (node.spool.index_qa): one row per edited structure set that came back, one per structure compared.
+-- Retention keeps these rows when it deletes series: they are the history the `qa report` is computed from.
+CREATE TABLE IF NOT EXISTS qa_sets (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    series_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    ct_series_uid TEXT NOT NULL DEFAULT '',
+    result_jobs TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    compared_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS qa_sets_ct ON qa_sets(ct_series_uid);
+CREATE INDEX IF NOT EXISTS qa_sets_at ON qa_sets(compared_at);
+CREATE TABLE IF NOT EXISTS qa_structures (
+    set_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    their_name TEXT NOT NULL DEFAULT '',
+    bundle TEXT NOT NULL DEFAULT '',
+    verdict TEXT NOT NULL,
+    dice REAL, surface_dice_1mm REAL, surface_dice_2mm REAL, hd95_mm REAL, msd_mm REAL,
+    ours_ml REAL, theirs_ml REAL, change_ml REAL, change_pct REAL,
+    added_slices INTEGER NOT NULL DEFAULT 0,
+    removed_slices INTEGER NOT NULL DEFAULT 0,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS qa_structures_set ON qa_structures(set_id);
 """
 
 #: Columns added after the first release: an index written by an older node gains them at start
@@ -114,6 +146,7 @@ ADDED_COLUMNS = (
     ("jobs", "deferrals", "INTEGER NOT NULL DEFAULT 0"),  # runs ended by resource exhaustion (the backoff's step)
     ("jobs", "retryable", "INTEGER NOT NULL DEFAULT 0"),  # 1: a failure that `retry --job` could fix
     ("series", "refused_at", "REAL NOT NULL DEFAULT 0"),  # last instance refused for resources (0xA700); 0: none
+    ("jobs", "kind", "TEXT NOT NULL DEFAULT 'segment'"),  # node.model.enums.JobKind: segment, or qa (edit QA)
 )
 
 

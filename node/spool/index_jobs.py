@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import Superseded
+from node.model.enums import JobKind
 from node.model.records import JobRecord, JobState, OutboxState, SeriesState, StructureVolume
 from node.spool.index_db import IndexDb
 
@@ -83,6 +84,21 @@ class JobRows(IndexDb):
         With ``generation`` (the start of the service the worker belongs to), a worker of an earlier start
         claims nothing: :class:`Superseded` is raised, and the worker should exit.
         """
+        claimed = self.claim_series_jobs(worker, now, generation=generation, limit=1)
+        return claimed[0] if claimed else None
+
+    def claim_series_jobs(self, worker: str, now: float | None = None, *, generation: int | None = None,
+                          limit: int = 8) -> list[JobRecord]:
+        """Take the next job (as :meth:`claim_job` chooses it) and, with it, up to ``limit`` − 1 other queued
+        jobs of the same series, so that one worker reads and assembles the series once for all of them.
+
+        Each job is claimed on its own row, as :meth:`claim_job` claims one (running, this worker and
+        generation, an attempt counted): a crash of the worker returns every one of them to the queue and
+        counts against each. Only segmentation jobs that have never crashed their worker, due now, join
+        one another: a job whose worker crashed while it ran is claimed alone from then on, so a job that
+        brings its worker down cannot use up the attempts of the other bundles of its series. Returns the
+        claimed jobs, the first one first; [] when none is due.
+        """
         now = time.time() if now is None else now
         with self._tx() as db:
             if generation is not None:
@@ -99,14 +115,22 @@ class JobRows(IndexDb):
                 (JobState.QUEUED.value, now),
             ).fetchone()
             if row is None:
-                return None
-            db.execute(
-                "UPDATE jobs SET state=?, worker=?, attempts=attempts+1, updated=?, claimed_at=?, generation=? "
-                "WHERE id=?",
-                (JobState.RUNNING.value, worker, now, now, generation or 0, row["id"]),
-            )
-            row = db.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
-        return _job(row)
+                return []
+            ids = [int(row["id"])]
+            if limit > 1 and int(row["crashes"]) == 0 and row["kind"] == JobKind.SEGMENT.value:
+                ids += [int(r["id"]) for r in db.execute(
+                    "SELECT id FROM jobs WHERE series_uid=? AND state=? AND not_before <= ? AND crashes=0 AND kind=? "
+                    "AND id<>? ORDER BY priority DESC, id LIMIT ?",
+                    (row["series_uid"], JobState.QUEUED.value, now, JobKind.SEGMENT.value, row["id"], limit - 1))]
+            rows = []
+            for job_id in ids:
+                db.execute(
+                    "UPDATE jobs SET state=?, worker=?, attempts=attempts+1, updated=?, claimed_at=?, generation=? "
+                    "WHERE id=?",
+                    (JobState.RUNNING.value, worker, now, now, generation or 0, job_id),
+                )
+                rows.append(db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
+        return [_job(r) for r in rows]
 
     def finish_job(
         self,
@@ -320,4 +344,5 @@ def _job(r: sqlite3.Row) -> JobRecord:
         calling_ae=r["calling_ae"],
         note=r["note"],
         structures=tuple(StructureVolume(str(n), float(v)) for n, v in json.loads(r["structures"] or "[]")),
+        kind=JobKind(r["kind"]),
     )

@@ -23,13 +23,16 @@ WITH j AS (
     FROM outbox JOIN jobs ON outbox.job_id = jobs.id GROUP BY jobs.series_uid
 ), i AS (
     SELECT series_uid, SUM(size) AS bytes FROM instances GROUP BY series_uid
+), q AS (  -- edit QA: an edited set that came back keeps the CT it was compared on (and our result) as long as itself
+    SELECT ct_series_uid AS series_uid, MAX(compared_at) AS compared_at FROM qa_sets GROUP BY ct_series_uid
 )
 SELECT s.series_uid, s.state, s.instance_count,
-       MAX(s.last_received, COALESCE(j.updated, 0), COALESCE(o.sent_at, 0)) AS last_activity,
+       MAX(s.last_received, COALESCE(j.updated, 0), COALESCE(o.sent_at, 0), COALESCE(q.compared_at, 0))
+           AS last_activity,
        COALESCE(j.active, 0) AS active_jobs, COALESCE(o.pending, 0) AS pending,
        COALESCE(o.dead, 0) AS dead, COALESCE(i.bytes, 0) AS bytes
 FROM series s LEFT JOIN j ON j.series_uid = s.series_uid LEFT JOIN o ON o.series_uid = s.series_uid
-     LEFT JOIN i ON i.series_uid = s.series_uid
+     LEFT JOIN i ON i.series_uid = s.series_uid LEFT JOIN q ON q.series_uid = s.series_uid
 """
 _USAGE_ARGS = (*(s.value for s in UNFINISHED_JOBS), OutboxState.PENDING.value, OutboxState.DEAD.value)
 

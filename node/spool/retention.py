@@ -3,7 +3,11 @@
 Policy (``[retention]`` in the config):
 
 - ``keep_days``: a series is deleted once it is *finished* and its last activity (last instance
-  received, last job update, last result delivered) is older than this. Finished means: settled
+  received, last job update, last result delivered, last edited structure set compared on it) is older
+  than this. Edited structure sets that come back (edit QA) are series of their own, kept and deleted like
+  results: the CT they were compared on and the node's result stay as long as they do, so a comparison can
+  be made again; the qa records (``qa_sets``, ``qa_structures``) are never deleted: ``qa report`` needs
+  the history. Finished means: settled
   (not receiving), every job ended (done, failed or declined) and every outbox item sent. A series
   with queued or running jobs, pending results or dead letters is never deleted, however old: dead
   letters are kept so that ``retry`` can still resend them (and ``replay`` needs the files too).

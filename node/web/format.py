@@ -29,7 +29,10 @@ def badge(state: Any) -> str:
     return {"done": "ok", "sent": "ok", "dispatched": "ok", "approved": "ok",
             "failed": "bad", "dead": "bad", "rejected": "bad",
             "awaiting_review": "wait", "declined": "muted", "ignored": "muted",
-            "queued": "busy", "running": "busy", "pending": "busy", "receiving": "busy"}.get(value, "muted")
+            "queued": "busy", "running": "busy", "pending": "busy", "receiving": "busy",
+            # edit QA: a structure's verdict, a set's outcome
+            "unchanged": "ok", "compared": "ok", "minor edit": "wait", "major edit": "bad",
+            "deleted by clinician": "bad", "added by clinician": "busy"}.get(value, "muted")
 
 
 def short_uid(uid: str, keep: int = 14) -> str:

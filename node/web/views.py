@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
+from node.model.enums import JobKind
 from node.model.records import JobRecord, JobState, OutboxState, SeriesState
 from node.spool.queries import review_queue, series_detail
 from node.web.context import WebContext
@@ -68,8 +69,11 @@ async def series_page(ctx: WebContext, request: Request) -> Response:
         raise HTTPException(404, f"series {uid} is not in the index: it was never received here, or retention "
                                  "deleted it")
     previews = {j.job.id: _preview_path(ctx, j.job) is not None for j in detail.jobs}
-    finished = any(j.job.state is JobState.DONE for j in detail.jobs)
+    finished = any(j.job.state is JobState.DONE and j.job.kind is JobKind.SEGMENT for j in detail.jobs)
+    # Edit QA: the edited sets that came back for this CT, or (an RTSTRUCT/SEG series) what its sets measured.
+    edits = {q.id: q for q in [*ctx.index.qa_sets(ct_series_uid=uid), *ctx.index.qa_sets(series_uid=uid)]}
     return ctx.page(request, "series.html", viewer, detail=detail, previews=previews, finished=finished,
+                    edits=sorted(edits.values(), key=lambda q: -q.compared_at),
                     patient_name=_patient_name(ctx, uid) if viewer.logged_in else "",
                     destinations=[d.name for d in ctx.cfg.destinations])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,10 +14,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from node.model.enums import SegType
 from node.spool.store import durable_write
+from node.write.contour_check import RoiCheck, check_contours, describe
 from node.write.preview import build_preview_sc, render_montage
 from node.write.result import Result
-from node.write.rtstruct import build_rtstruct
+from node.write.rtstruct import build_rtstruct, trace_contours
 from node.write.seg import build_seg
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class WrittenObject:
     path: Path
     sop_instance_uid: str
     sop_class_uid: str
+    #: An RTSTRUCT's check of its contours, per ROI (node/write/contour_check.py); empty for other objects.
+    contour_checks: tuple[RoiCheck, ...] = ()
 
 
 _PIXEL_DATA = 0x7FE00010
@@ -78,17 +84,24 @@ def write_results(
     """Build and durably save the SEG and the RTSTRUCT of one result.
 
     The SEG is built on a second thread while the RTSTRUCT is traced here: much of both is numpy
-    work that releases the GIL, so the two take little longer than the slower one.
+    work that releases the GIL, so the two take little longer than the slower one. The RTSTRUCT's
+    object carries the check of its contours (and it is logged).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     objects: list[WrittenObject] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         seg_future = pool.submit(_write_seg, result, out_dir, seg_type) if write_seg else None
         if write_rtstruct:
-            rt = build_rtstruct(result)
+            traced = trace_contours(result)
+            rt = build_rtstruct(result, traced)
             path = out_dir / f"RTSTRUCT_{result.uids.rtstruct_instance}.dcm"
             save_dataset(rt, path)
-            objects.append(WrittenObject("RTSTRUCT", path, result.uids.rtstruct_instance, str(rt.SOPClassUID)))
+            checks = tuple(check_contours(result.found, traced, result.bundle, result.volume.geometry))
+            tiny = sum(check.tiny for check in checks)
+            log.log(logging.WARNING if tiny else logging.INFO, "RTSTRUCT %s contours: %s",
+                    result.uids.rtstruct_instance, describe(checks))
+            objects.append(WrittenObject("RTSTRUCT", path, result.uids.rtstruct_instance, str(rt.SOPClassUID),
+                                         checks))
         if seg_future is not None:
             objects.insert(0, seg_future.result())
     return objects
@@ -109,7 +122,7 @@ def write_preview(result: Result, out_dir: Path, *, png: bool, secondary_capture
         return []
     uids = result.uids
     sc = build_preview_sc(result.volume, montage, series_uid=uids.preview_series,
-                          instance_uid=uids.preview_instance, provenance=result.provenance)
+                          instance_uid=uids.preview_instance, provenance=result.provenance, bundle_name=bundle.name)
     path = out_dir / f"PREVIEW_{uids.preview_instance}.dcm"
     save_dataset(sc, path)
     return [WrittenObject("PREVIEW", path, uids.preview_instance, str(sc.SOPClassUID))]

@@ -15,14 +15,15 @@ from pydicom import Dataset
 from scipy import ndimage
 
 from node.model.bundle import Label
+from node.model.enums import ObjectKind
 from node.model.volume import Volume
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.result import label_mask
+from node.write.series import result_series
 
 #: CT display window (level, width) in HU: a soft-tissue window.
 WINDOW = (40.0, 400.0)
 PANEL_PX = 384
-PREVIEW_SERIES_NUMBER = 9903
 
 
 def _window(image: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -88,10 +89,12 @@ def montage_png(volume: Volume, labels: np.ndarray, found: list[Label], title: s
 
 
 def build_preview_sc(
-    volume: Volume, montage: Image.Image, *, series_uid: str, instance_uid: str, provenance: Provenance
+    volume: Volume, montage: Image.Image, *, series_uid: str, instance_uid: str, provenance: Provenance,
+    bundle_name: str,
 ) -> Dataset:
     """The montage as a Secondary Capture Image in the source study, for viewers without SEG/RTSTRUCT."""
     source = volume.headers[0]
+    series = result_series(source, bundle_name, ObjectKind.SC)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=np.asarray(montage.convert("RGB")),
@@ -102,10 +105,10 @@ def build_preview_sc(
         patient_orientation=("L", "P"),
         series_instance_uid=series_uid,
         sop_instance_uid=instance_uid,
-        series_number=PREVIEW_SERIES_NUMBER,
+        series_number=series.number,
         instance_number=1,
         manufacturer=MANUFACTURER,
-        series_description="AI segmentation preview (not for diagnosis)",
+        series_description=series.description,
     )
     sc.BurnedInAnnotation = "YES"
     sc.Laterality = source.get("Laterality", "")  # Type 2C in General Series: present, maybe empty

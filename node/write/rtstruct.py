@@ -21,19 +21,20 @@ from pydicom.uid import (
 )
 
 from node.errors import WriteError
-from node.model.bundle import Bundle, Label
+from node.model.bundle import Bundle, ContourSmoothing, Label
+from node.model.enums import ObjectKind
 from node.model.volume import Volume
 from node.write.contours import Contours, trace_label
 from node.write.decimal_text import fixed3_groups
 from node.write.encoding import Encoder, raw_sequence
 from node.write.provenance import MANUFACTURER, Provenance
 from node.write.result import Result
+from node.write.series import result_series
 from node.write.uids import ResultUids
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 #: Retired Detached Study Management SOP Class: what RTReferencedStudySequence items conventionally reference.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
-RTSTRUCT_SERIES_NUMBER = 9902
 
 _PATIENT = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "IssuerOfPatientID", "PatientAge",
             "OtherPatientIDsSequence"]
@@ -56,11 +57,12 @@ def _patient_and_study(source: Dataset, ds: Dataset) -> None:
         ds.SpecificCharacterSet = source.SpecificCharacterSet
 
 
-def _series_and_equipment(ds: Dataset, bundle: Bundle, uids: ResultUids, prov: Provenance) -> None:
+def _series_and_equipment(ds: Dataset, source: Dataset, bundle: Bundle, uids: ResultUids, prov: Provenance) -> None:
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = uids.rtstruct_series
-    ds.SeriesNumber = RTSTRUCT_SERIES_NUMBER
-    ds.SeriesDescription = f"AI RTSTRUCT {bundle.name}"
+    series = result_series(source, bundle.name, ObjectKind.RTSTRUCT)
+    ds.SeriesNumber = series.number
+    ds.SeriesDescription = series.description
     ds.SeriesDate = prov.date
     ds.SeriesTime = prov.time
     ds.OperatorsName = ""
@@ -135,11 +137,17 @@ MAX_EXPLICIT_LENGTH = 0xFFFE
 
 
 def trace_contours(result: Result) -> list[Contours]:
-    """The contours of each found structure (in ``result.found`` order), in patient coordinates."""
-    labels, geometry, found = result.labels, result.volume.geometry, result.found
+    """The contours of each found structure (in ``result.found`` order), in patient coordinates, smoothed
+    where the structure's contour rule says so."""
+    labels, geometry, found, rules = result.labels, result.volume.geometry, result.found, result.bundle.contours
+
+    def trace(label: Label) -> Contours:
+        smooth = rules.rule(label).smoothing is ContourSmoothing.HALF_PIXEL
+        return trace_label(labels, label.value, geometry, label.includes, smooth=smooth)
+
     # Contour tracing is numpy work that releases the GIL: one thread per structure uses every core.
     with ThreadPoolExecutor(max_workers=min(len(found), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda label: trace_label(labels, label.value, geometry, label.includes), found))
+        return list(pool.map(trace, found))
 
 
 def _contour_texts(contours: Contours) -> list[bytes]:
@@ -215,7 +223,7 @@ def build_rtstruct(result: Result, traced: list[Contours] | None = None) -> Data
     ds.InstanceCreationDate = provenance.date
     ds.InstanceCreationTime = provenance.time
     _patient_and_study(source, ds)
-    _series_and_equipment(ds, bundle, uids, provenance)
+    _series_and_equipment(ds, source, bundle, uids, provenance)
     _frame_of_reference(source)  # before the tracing: nothing to do without it
     traced = trace_contours(result) if traced is None else traced
     texts = [_contour_texts(contours) for contours in traced]

@@ -37,14 +37,14 @@ from pydicom.valuerep import DS, format_number_as_ds
 
 from node.errors import WriteError
 from node.model.bundle import Code
-from node.model.enums import SegType
+from node.model.enums import ObjectKind, SegType
 from node.write.encoding import Encoder, pydicom_bytes, raw_sequence
 from node.write.provenance import MANUFACTURER
 from node.write.result import Result
+from node.write.series import result_series
 
 log = logging.getLogger(__name__)
 
-SEG_SERIES_NUMBER = 9901
 #: Source slices highdicom builds the template from (two, so that it sees a stack, not a single plane).
 TEMPLATE_SLICES = 2
 #: Frames bit-packed per numpy call (a multiple of 8, so every chunk ends on a byte boundary).
@@ -114,6 +114,7 @@ def _highdicom_pixels(segments: np.ndarray, members: dict[int, tuple[int, ...]],
 def _highdicom_seg(result: Result, source_images: Sequence[Dataset], segments: np.ndarray,
                    descriptions: list[hd.seg.SegmentDescription], seg_type: SegType) -> hd.seg.Segmentation:
     bundle, uids, provenance = result.bundle, result.uids, result.provenance
+    series = result_series(result.volume.headers[0], bundle.name, ObjectKind.SEG)
     try:
         return hd.seg.Segmentation(
             source_images=source_images,
@@ -121,7 +122,7 @@ def _highdicom_seg(result: Result, source_images: Sequence[Dataset], segments: n
             segmentation_type=hd.seg.SegmentationTypeValues(seg_type.value),
             segment_descriptions=descriptions,
             series_instance_uid=uids.seg_series,
-            series_number=SEG_SERIES_NUMBER,
+            series_number=series.number,
             sop_instance_uid=uids.seg_instance,
             instance_number=1,
             manufacturer=MANUFACTURER,
@@ -130,13 +131,19 @@ def _highdicom_seg(result: Result, source_images: Sequence[Dataset], segments: n
             device_serial_number=provenance.device_serial_number,
             content_description=f"{bundle.algorithm_name} segmentation",
             content_label="AUTOSEG",
-            series_description=f"AI SEG {bundle.name}",
+            series_description=series.description,
+            content_creator_name=_creator(provenance.station_name),
             omit_empty_frames=False,
             content_date=provenance.created.date(),
             content_time=provenance.created.time(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise WriteError(f"highdicom could not build the SEG: {exc}") from exc
+
+
+def _creator(station_name: str) -> str:
+    """ContentCreatorName (type 2; DCMTK-based readers warn without it): the node, as a one-component PN."""
+    return "".join(" " if ch in "^=\\" else ch for ch in station_name).strip() + "^"
 
 
 def _finish(seg: Dataset, result: Result) -> Dataset:

@@ -315,3 +315,39 @@ def test_a_file_that_is_not_dicom(tmp_path: Path) -> None:
     path.write_bytes(b"not dicom at all")
     with pytest.raises(StructureSetError, match="x.dcm: not a readable DICOM file"):
         read_structure_set(path)
+
+
+# ---------------------------------------------------------------- the scanline fill and the SEG reader
+
+
+def test_scanline_fill_matches_point_in_polygon() -> None:
+    """``fill_polygon`` (vectorised scanlines) fills the pixels whose centre is inside, as skimage's
+    point-in-polygon test does, for random polygons whose vertices avoid the pixel-centre lines."""
+    from skimage.draw import polygon
+
+    from node.read.rtstruct import fill_polygon
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(3, 30))
+        rows, cols = rng.uniform(-5, 45, n), rng.uniform(-5, 45, n)
+        expected = np.zeros((40, 40), dtype=bool)
+        rr, cc = polygon(rows, cols, shape=expected.shape)
+        expected[rr, cc] = True
+        got = np.ones((40, 40), dtype=bool)  # overwritten
+        fill_polygon(rows, cols, got)
+        assert np.array_equal(got, expected)
+
+
+def test_dcmqi_segmentation_reads_onto_its_ct() -> None:
+    from node.read.seg import SegmentationError, read_segmentation
+
+    folder = _reference("dcmqi-liver-seg")
+    volume = build_volume(read_series(sorted((folder / "ct-3slice").glob("*.dcm"))))
+    seg = read_segmentation(folder / "liver.dcm", volume.geometry, volume.sop_instance_uids)
+    (liver,) = seg.segments
+    assert liver.label == "Liver" and liver.mask.shape == volume.voxels.shape
+    assert liver.mask.any(axis=(1, 2)).all()  # a liver outline on each of the three slices
+    assert seg.referenced_series_uids == (str(volume.headers[0].SeriesInstanceUID),)
+    with pytest.raises(SegmentationError, match="not one of the 2 images of the volume"):
+        read_segmentation(folder / "liver.dcm", volume.geometry, volume.sop_instance_uids[:2])

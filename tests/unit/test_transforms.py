@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from node.infer.transforms import fill_holes_per_slice, labels_on_native_grid, resample_linear
+from node.infer.transforms import fill_holes_per_slice, labels_on_native_grid, resample_linear, resample_slices_at
 from node.infer.window import sliding_window, tile_starts
 
 
@@ -17,6 +17,17 @@ def test_resample_linear_equals_scipy_affine(out_shape: tuple[int, int, int]) ->
     scale = [(i - 1) / (o - 1) for i, o in zip(image.shape, out_shape, strict=True)]
     expected = ndimage.affine_transform(image, np.array(scale), output_shape=out_shape, order=1, mode="nearest")
     assert np.allclose(resample_linear(image, out_shape), expected, atol=1e-5)
+
+
+def test_resample_slices_at_uneven_positions_equals_numpy_interp() -> None:
+    """An uneven stack (slices at 0, 4, 8, 9.08, 16.08 mm) to regular planes: per pixel, np.interp."""
+    rng = np.random.default_rng(3)
+    along = np.array([0.0, 4.0, 8.0, 9.08, 16.08])
+    image = rng.integers(-1000, 1000, size=(5, 6, 7)).astype(np.int16)
+    targets = np.linspace(0.0, 16.08, 12)
+    out = resample_slices_at(image, along, targets)
+    expected = np.apply_along_axis(lambda v: np.interp(targets, along, v), 0, image.astype(np.float64))
+    assert out.dtype == np.float32 and np.allclose(out, expected, atol=1e-3)
 
 
 def test_two_class_labels_equal_argmax_of_resampled_channels() -> None:

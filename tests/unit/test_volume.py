@@ -9,7 +9,8 @@ import pytest
 from pydicom import dcmread
 
 from node.assemble.volume import build_volume, read_series
-from node.errors import VolumeError
+from node.errors import Declined, VolumeError
+from node.model.volume import MixedFrames
 from tests.harness.synthetic_ct import phantom_hu, write_ct_series
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -222,7 +223,7 @@ def test_mixed_patients_are_refused_counting_not_naming_them(tmp_path: Path) -> 
     assert first not in str(caught.value) and "PID-OTHER-77" not in str(caught.value)  # no patient data in errors
 
 
-@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "FrameOfReferenceUID", "Modality"])
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "Modality"])
 def test_mixed_series_is_refused_naming_the_values(tmp_path: Path, keyword: str) -> None:
     datasets = _series(tmp_path)
     first = str(datasets[0].get(keyword))
@@ -231,6 +232,40 @@ def test_mixed_series_is_refused_naming_the_values(tmp_path: Path, keyword: str)
     other = "1.2.3.4" if keyword.endswith("UID") else "OTHER"
     with pytest.raises(VolumeError,
                        match=rf"mixes {keyword} values '{first}' \(4 instances\), '{other}' \(2 instances\)"):
+        build_volume(datasets)
+
+
+def test_mixed_frames_of_reference_in_a_regular_stack_take_the_majority(tmp_path: Path) -> None:
+    """Several FrameOfReferenceUIDs in one regular stack (issue 16, item 3): one is chosen by the stated
+    rule, every header carries it, the volume's notes say which and why; "decline" declines instead."""
+    datasets = _series(tmp_path)
+    first = str(datasets[0].FrameOfReferenceUID)
+    for ds in datasets[4:]:
+        ds.FrameOfReferenceUID = "1.2.3.4"
+    with pytest.raises(Declined, match=r"carry 2 different FrameOfReferenceUID values .*\"decline\""):
+        build_volume(datasets, mixed_frames=MixedFrames.DECLINE)
+    volume = build_volume(datasets)
+    assert {str(h.FrameOfReferenceUID) for h in volume.headers} == {first}
+    assert len(volume.notes) == 1 and f"{first}, the one most instances carry (4 of 6)" in volume.notes[0]
+
+
+def test_every_instance_its_own_frame_of_reference_takes_the_first_slice(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    for k, ds in enumerate(datasets):
+        ds.FrameOfReferenceUID = f"1.2.3.{k + 10}"
+    shuffled = [datasets[i] for i in (3, 5, 0, 2, 4, 1)]  # arrival order does not decide
+    volume = build_volume(shuffled)
+    assert {str(h.FrameOfReferenceUID) for h in volume.headers} == {"1.2.3.10"}
+    assert "the first slice's along the normal" in volume.notes[0]
+
+
+def test_mixed_frames_of_reference_in_an_uneven_stack_are_refused(tmp_path: Path) -> None:
+    datasets = _series(tmp_path)
+    z = float(datasets[0].ImagePositionPatient[2])
+    for k, ds in enumerate(datasets):
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], z + (2.5 * k if k < 3 else 5.0 + 4.0 * (k - 2))]
+        ds.FrameOfReferenceUID = f"1.2.3.{k + 10}"
+    with pytest.raises(VolumeError, match="mixes FrameOfReferenceUID values .* not evenly spaced"):
         build_volume(datasets)
 
 

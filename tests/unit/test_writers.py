@@ -14,7 +14,7 @@ from skimage.draw import polygon as fill_polygon
 
 from node.assemble.volume import build_volume, read_series
 from node.errors import WriteError
-from node.model.bundle import Bundle, Code, Label
+from node.model.bundle import Bundle, Code, ContourOptions, ContourRule, ContourSmoothing, Label
 from node.model.enums import SegType
 from node.model.volume import Volume
 from node.write import files as files_module
@@ -263,7 +263,9 @@ def test_contour_data_over_64_kib_switches_to_implicit_vr(tmp_path: Path) -> Non
     ragged = np.hypot(y - 256, x - 256) < 240 + bumps[((theta + np.pi) / (2 * np.pi) * 4095).astype(int)]
     labels = np.zeros(volume.geometry.shape, dtype=np.uint8)
     labels[1] = ragged
-    rt = build_rtstruct(Result.of(volume, labels, BUNDLE, ResultUids.for_job("k"), PROV))
+    unsmoothed = dataclasses.replace(BUNDLE, contours=ContourOptions(
+        ((1, ContourRule(smoothing=ContourSmoothing.NONE)),)))  # smoothing would thin the rim's points
+    rt = build_rtstruct(Result.of(volume, labels, unsmoothed, ResultUids.for_job("k"), PROV))
     assert rt.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"  # Implicit VR Little Endian
     path = tmp_path / "rt.dcm"
     path.write_bytes(_save(rt))

@@ -9,6 +9,7 @@ import numpy as np
 
 from node.errors import InferenceError
 from node.infer.backends.base import BackendSettings, LoadedEngine
+from node.infer.backends.threads import network_threads
 from node.infer.engine import BackendStatus
 from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
@@ -65,7 +66,7 @@ class _OnnxRuntimeSession:
     def engine(self, bundle: Bundle) -> LoadedEngine:
         assert bundle.model_file is not None  # built-in algorithms never reach a backend
         engine = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name,
-                                   threads=self.threads)
+                                   threads=network_threads(self.threads))  # all CPUs but one unless configured
         return LoadedEngine(engine, "ONNX Runtime on the CPU")
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from node.errors import InferenceError
 from node.infer.backends.base import BackendSettings, LoadedEngine
+from node.infer.backends.threads import network_threads
 from node.infer.cpu.agreement import judge, reference_output
 from node.infer.cpu.features import CpuInfo, read_cpu
 from node.infer.cpu.model_cache import CachedModel, Check, CompiledKey, ModelCache
@@ -98,10 +99,10 @@ def plan_cpu_model(bundle: Bundle, cpu: CpuInfo, *, openvino_bf16: bool) -> CpuM
 
 
 def compile_properties(precision: CpuPrecision, threads: int) -> dict[str, Any]:
-    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision.openvino_type, "PERFORMANCE_HINT": "LATENCY"}
-    if threads > 0:
-        properties["INFERENCE_NUM_THREADS"] = threads
-    return properties
+    """OpenVINO's CPU properties: the precision, the latency hint and the threads (``engines.threads``, or by
+    default every usable CPU but one: node/infer/backends/threads.py)."""
+    return {"INFERENCE_PRECISION_HINT": precision.openvino_type, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": network_threads(threads)}
 
 
 class OpenVinoEngine:

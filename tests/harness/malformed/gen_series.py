@@ -183,10 +183,13 @@ def _geometry_cases(b: _Builder) -> None:
         job_error(words("PatientID") + "|patient|mix"),
         lambda dss: [setattr(d, "PatientID", "OTHER") for d in dss[3:]],
     )
+    # One regular stack in two frames of reference (de-identified data): segmented in the one most
+    # instances carry, said in the job's note (issue 16); [assemble] mixed_frames_of_reference = "decline"
+    # would decline it.
     ser(
         "two-frames-of-reference",
         "mixed-series",
-        job_error(words("FrameOfReferenceUID") + "|frame of reference|mix"),
+        Expect(done=True),
         lambda dss: [setattr(d, "FrameOfReferenceUID", _other_uid(d.FrameOfReferenceUID)) for d in dss[2:]],
     )
     ser(
@@ -226,11 +229,12 @@ def _geometry_cases(b: _Builder) -> None:
         )
     for zs in ([0, 3, 6, 12, 15], [0, 6, 9, 12, 15], [0, 3, 6, 9, 18], [0, 3, 9, 12, 15, 18], [0, 3, 6, 9, 12, 15, 30]):
         ser("gap-" + "-".join(f"{v:g}" for v in zs), "geometry", job_error("spacing|missing|gap"), z=zs, n=len(zs))
+    # Uneven but one stack (no hole, no duplicate): segmented (issue 16; body-threshold resamples it).
     for zs in ([0, 3, 7, 10, 14], [0, 2, 5, 9, 14], [0, 3, 6, 8, 11], [0, 3.5, 6, 9.5, 12], [0, 1, 3, 6, 10, 15]):
         ser(
             "variable-spacing-" + "-".join(f"{v:g}" for v in zs),
             "geometry",
-            job_error("spacing|uniform"),
+            Expect(done=True),
             z=zs,
             n=len(zs),
         )
