@@ -15,6 +15,7 @@ from scipy import ndimage
 from node.infer.anatomy_grid import (
     CONN6,
     INPLANE4,
+    INPLANE8,
     CoarseFrame,
     bbox,
     dilate,
@@ -49,6 +50,9 @@ SHELL_MIN_PLANES = 0.25
 #: everywhere (between an arm and the trunk) stay out.
 GAP_MAX_MM = 8.0
 _SECTORS = 36
+#: Pieces shaved off by the opening: 6-connected across planes, 8-connected in-plane (a thin ring on
+#: the coarse grid touches itself diagonally).
+_CONN_PIECES = CONN6 | INPLANE8
 
 
 def gap_radius(spacing: tuple[float, float, float]) -> int:
@@ -112,13 +116,21 @@ def body_coarse(hu: np.ndarray, frame: CoarseFrame) -> np.ndarray:
         keep[c] = area >= EXTRA_MIN_AREA_CM2 and elongation <= EXTRA_MAX_ELONGATION
     body = keep[labels]
     # What the opening shaved off the kept body comes back when it touches it and is a detail
-    # (small in-plane: nose tip, ear, fingers) or a shell around it (a skull phantom's wall: with
-    # it come the pieces inside that it touches). Long pieces that are not shells (a couch shell
-    # touching the back, a head cradle) stay out.
+    # (small in-plane: nose tip, ear, fingers), or when it is a shell around it, touching it or not (a
+    # skull phantom's wall, a thin-walled phantom round free-standing inserts: with it come the pieces
+    # inside that it touches). Long pieces that are not shells (a couch shell touching the back, a
+    # head cradle) stay out.
     residual = tissue & ~opened
-    if not residual.any():
-        return fill_enclosed_inplane(body, gap_radius(frame.spacing))
-    rlabels, rn = ndimage.label(residual, structure=CONN6)
+    radius = gap_radius(frame.spacing)
+    if residual.any():
+        body |= _shaved_back(residual, body, labels, opened, frame, radius)
+    return fill_enclosed_inplane(body, radius)
+
+
+def _shaved_back(residual: np.ndarray, body: np.ndarray, labels: np.ndarray, opened: np.ndarray,
+                 frame: CoarseFrame, radius: int) -> np.ndarray:
+    """What of ``residual`` (and of the opened pieces ``labels``) comes back to ``body``."""
+    rlabels, rn = ndimage.label(residual, structure=_CONN_PIECES)
     touching = np.zeros(rn + 1, dtype=bool)
     touching[np.unique(rlabels[dilate(body, 3) & residual])] = True
     touching[0] = False
@@ -126,22 +138,50 @@ def body_coarse(hu: np.ndarray, frame: CoarseFrame) -> np.ndarray:
     reach_j = DETAIL_MAX_MM / frame.spacing[2]
     back = np.zeros(rn + 1, dtype=bool)
     shells: list[int] = []
-    for idx, box in enumerate(ndimage.find_objects(rlabels), start=1):
-        if box is None or not touching[idx]:
+    apart: list[int] = []  # shells that neither touch nor enclose the body (yet)
+    boxes = ndimage.find_objects(rlabels)
+    for idx, box in enumerate(boxes, start=1):
+        if box is None:
             continue
-        if box[1].stop - box[1].start <= reach_i and box[2].stop - box[2].start <= reach_j:
+        detail = box[1].stop - box[1].start <= reach_i and box[2].stop - box[2].start <= reach_j
+        if touching[idx] and detail:
             back[idx] = True
-        elif _is_shell(rlabels[box] == idx, frame):
-            back[idx] = True
+        elif not detail and _is_shell(rlabels[box] == idx, frame):
+            if touching[idx] or _encloses(rlabels[box] == idx, body[box], radius):
+                back[idx] = True
+                shells.append(idx)
+            else:
+                apart.append(idx)
+    out = back[rlabels]
+    # The dome of a shell above what it encloses (the top of a skull phantom over its inserts): a shell
+    # lying inside the filled outline of the plane next to it comes back, plane after plane.
+    while apart and shells:
+        outline = fill_enclosed_inplane(body | out, radius)
+        near = outline.copy()
+        near[1:] |= outline[:-1]
+        near[:-1] |= outline[1:]
+        inside = [idx for idx in apart
+                  if np.count_nonzero(near[boxes[idx - 1]] & (rlabels[boxes[idx - 1]] == idx))
+                  >= 0.5 * np.count_nonzero(rlabels[boxes[idx - 1]] == idx)]
+        if not inside:
+            break
+        for idx in inside:
+            apart.remove(idx)
             shells.append(idx)
-    body |= back[rlabels]
+            out[boxes[idx - 1]] |= rlabels[boxes[idx - 1]] == idx  # type: ignore[index]
     if shells:
         # Opened pieces that a shell touches (the inserts of a phantom, thick parts of its wall).
         near = dilate(np.isin(rlabels, shells), 3)
         inner = np.unique(labels[near & opened])
         inner = inner[inner > 0]
-        body |= np.isin(labels, inner)
-    return fill_enclosed_inplane(body, gap_radius(frame.spacing))
+        out |= np.isin(labels, inner)
+    return out
+
+
+def _encloses(piece: np.ndarray, body: np.ndarray, radius: int) -> bool:
+    """True when ``piece`` (a shell) surrounds some of ``body`` in-plane without touching it: a thin-walled
+    phantom around inserts that stand free in its air."""
+    return bool((fill_enclosed_inplane(piece, radius) & ~piece & body).any())
 
 
 def _is_shell(piece: np.ndarray, frame: CoarseFrame) -> bool:
