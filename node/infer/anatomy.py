@@ -15,10 +15,15 @@ What a planning system does to make an External, and the lungs, with thresholds 
    ``EXTRA_MIN_FRACTION`` of the largest, ``EXTRA_MIN_AREA_CM2`` of cross-section per plane and
    not flat): arms at the sides and separate legs are part of the External, couch rails and boards
    are not. What the opening shaved off comes back when it touches the kept body and is either a
-   detail (within ``DETAIL_MAX_MM`` in-plane: nose tip, ears, fingers) or a shell around it (a
-   skull phantom's wall; with it the pieces it encloses); a long one-sided piece (a couch touching
-   the back, a head cradle) stays out. Holes are filled plane by plane (lungs, bowel gas, trachea,
-   sinuses; not a mouth open to the outside).
+   detail (within ``DETAIL_MAX_MM`` in-plane: nose tip, ears, fingers) or a shell around it,
+   touching it or not (a skull phantom's wall, a thin-walled phantom round free-standing inserts;
+   with it the pieces it encloses, and its dome above them plane after plane); a long one-sided
+   piece (a couch touching the back, a head cradle) stays out. Holes are filled plane by plane
+   (lungs, bowel gas, trachea, sinuses; not a mouth open to the outside), and so is air that
+   reaches the outside only through gaps narrower than ``GAP_MAX_MM`` while wider inside (an
+   air-filled skull whose thin bone partial volume brings below ``BODY_HU``, a sinus behind a thin
+   wall); where the patient meets the image's edge, the edge is a wall. Slits (between an arm and
+   the trunk) are narrow everywhere and stay out.
 3. **Lungs.** Air (``HU < LUNG_HU``) inside the filled BODY. Small pure-air blobs near the midline in
    a plane (trachea, main bronchi, oesophageal air) are removed, then 3-D components are lungs when
    big (``LUNG_MIN_ML``) and of lung density: fewer than ``LUNG_MAX_PURE_FRACTION`` of their voxels
@@ -76,6 +81,7 @@ from node.infer.body import (
     EXTRA_MAX_ELONGATION,
     EXTRA_MIN_AREA_CM2,
     EXTRA_MIN_FRACTION,
+    GAP_MAX_MM,
     HOLE_MIN_THICK_RIM,
     SHELL_MIN_COVERAGE,
     SHELL_MIN_PLANES,
@@ -111,6 +117,7 @@ __all__ = [
     "EXTRA_MAX_ELONGATION",
     "EXTRA_MIN_AREA_CM2",
     "EXTRA_MIN_FRACTION",
+    "GAP_MAX_MM",
     "HOLE_MIN_THICK_RIM",
     "LEFT_LUNG",
     "LUNG_HU",

@@ -138,7 +138,6 @@ def _shaved_back(residual: np.ndarray, body: np.ndarray, labels: np.ndarray, ope
     reach_j = DETAIL_MAX_MM / frame.spacing[2]
     back = np.zeros(rn + 1, dtype=bool)
     shells: list[int] = []
-    apart: list[int] = []  # shells that neither touch nor enclose the body (yet)
     boxes = ndimage.find_objects(rlabels)
     for idx, box in enumerate(boxes, start=1):
         if box is None:
@@ -146,29 +145,27 @@ def _shaved_back(residual: np.ndarray, body: np.ndarray, labels: np.ndarray, ope
         detail = box[1].stop - box[1].start <= reach_i and box[2].stop - box[2].start <= reach_j
         if touching[idx] and detail:
             back[idx] = True
-        elif not detail and _is_shell(rlabels[box] == idx, frame):
-            if touching[idx] or _encloses(rlabels[box] == idx, body[box], radius):
-                back[idx] = True
-                shells.append(idx)
-            else:
-                apart.append(idx)
-    out = back[rlabels]
-    # The dome of a shell above what it encloses (the top of a skull phantom over its inserts): a shell
-    # lying inside the filled outline of the plane next to it comes back, plane after plane.
-    while apart and shells:
-        outline = fill_enclosed_inplane(body | out, radius)
+        elif not detail and _is_shell(rlabels[box] == idx, frame) and (
+                touching[idx] or _encloses(rlabels, idx, box, body, radius)):
+            back[idx] = True
+            shells.append(idx)
+    # The dome of a shell above what it encloses (the top of a skull phantom over its inserts, in pieces
+    # where partial volume breaks it): what lies inside the filled outline of the plane next to it comes
+    # back, plane after plane.
+    size = np.bincount(rlabels.ravel(), minlength=rn + 1)
+    while shells:
+        outline = fill_enclosed_inplane(body | back[rlabels], radius)
         near = outline.copy()
         near[1:] |= outline[:-1]
         near[:-1] |= outline[1:]
-        inside = [idx for idx in apart
-                  if np.count_nonzero(near[boxes[idx - 1]] & (rlabels[boxes[idx - 1]] == idx))
-                  >= 0.5 * np.count_nonzero(rlabels[boxes[idx - 1]] == idx)]
-        if not inside:
+        inside = np.bincount(rlabels[near & residual], minlength=rn + 1)
+        more = ~back & (2 * inside >= size)
+        more[0] = False
+        if not more.any():
             break
-        for idx in inside:
-            apart.remove(idx)
-            shells.append(idx)
-            out[boxes[idx - 1]] |= rlabels[boxes[idx - 1]] == idx  # type: ignore[index]
+        back |= more
+        shells.extend(int(i) for i in np.flatnonzero(more))
+    out = back[rlabels]
     if shells:
         # Opened pieces that a shell touches (the inserts of a phantom, thick parts of its wall).
         near = dilate(np.isin(rlabels, shells), 3)
@@ -178,10 +175,15 @@ def _shaved_back(residual: np.ndarray, body: np.ndarray, labels: np.ndarray, ope
     return out
 
 
-def _encloses(piece: np.ndarray, body: np.ndarray, radius: int) -> bool:
-    """True when ``piece`` (a shell) surrounds some of ``body`` in-plane without touching it: a thin-walled
-    phantom around inserts that stand free in its air."""
-    return bool((fill_enclosed_inplane(piece, radius) & ~piece & body).any())
+def _encloses(rlabels: np.ndarray, idx: int, box: tuple[slice, ...], body: np.ndarray, radius: int) -> bool:
+    """True when piece ``idx`` of ``rlabels`` (a shell) surrounds some of ``body`` in-plane without touching
+    it: a thin-walled phantom around inserts that stand free in its air. Judged in the piece's box grown
+    by a margin, so that only the image's own edges count as walls."""
+    margin = radius + 2
+    grown = (box[0], *(slice(max(b.start - margin, 0), min(b.stop + margin, n))
+                       for b, n in zip(box[1:], rlabels.shape[1:], strict=True)))
+    piece = rlabels[grown] == idx
+    return bool((fill_enclosed_inplane(piece, radius) & ~piece & body[grown]).any())
 
 
 def _is_shell(piece: np.ndarray, frame: CoarseFrame) -> bool:

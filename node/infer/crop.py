@@ -85,7 +85,7 @@ def _trim(lo: int, hi: int, max_len: int) -> tuple[int, int]:
 
 def body_width_mm(body: np.ndarray, spacing: float) -> float:
     """The widest extent of ``body`` (slices, rows, columns) along its columns, mm (whole voxels)."""
-    cols = body.any(axis=1)
+    cols = np.asarray(body.any(axis=1))
     widths = [(_span(c)[1] - _span(c)[0]) * spacing for c in cols if c.any()]
     return float(max(widths)) if widths else 0.0
 
@@ -155,13 +155,10 @@ def abdomen_box(hu: np.ndarray, spacing: tuple[float, float, float], max_mm: tup
     del coarse
 
     in_range = body[lo0 // stride[0]:max(lo0 // stride[0] + 1, -(-hi0 // stride[0]))]
-    if in_range.any():
-        in_range = largest_component(in_range, CONN6)
-    else:
-        in_range = body
+    in_range = largest_component(in_range, CONN6) if in_range.any() else body
     boxes = []
     for axis, drop in ((1, (0, 2)), (2, (0, 1))):
-        lo, hi = _span(in_range.any(axis=drop))
+        lo, hi = _span(np.asarray(in_range.any(axis=drop)))
         lo, hi = lo * stride[axis], min(hu.shape[axis], hi * stride[axis])
         if hi - lo > 2 * INPLANE_TRIM + 1:
             lo, hi = lo + INPLANE_TRIM, hi - INPLANE_TRIM
