@@ -94,7 +94,7 @@ def test_noisy_real_abdomen_body_is_one_clean_outline_per_part(tmp_path: Path) -
     original = labels > 0
     specks, pockets = add_body_noise(labels, np.random.default_rng(16))
     assert specks.any() and pockets.any()
-    noisy = check_contours(bundle.labels[:1], [trace_label(labels, 1, volume.geometry, (2, 3))], bundle,
+    noisy = check_contours(list(bundle.labels[:1]), [trace_label(labels, 1, volume.geometry, (2, 3))], bundle,
                            volume.geometry)[0]
     assert noisy.holes > 0 and noisy.tiny > 0  # what issue 16 saw, before cleaning
     clean_labels(labels, bundle, volume.geometry)
