@@ -12,7 +12,11 @@ STAMP   = $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+# torch's CPU build for the [import] extra (bundles import-nnunet): the +cpu wheel in pip's find-links
+# (/opt/wheels), else PyTorch's CPU index; never the default CUDA build and its NVIDIA wheels.
+	$(BIN)/pip install --quiet 'torch==2.13.0+cpu' -f /opt/wheels \
+	  || $(BIN)/pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install --quiet -e '.[test,import]'
 	touch $(STAMP)
 
 run: $(STAMP)

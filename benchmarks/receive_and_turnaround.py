@@ -16,8 +16,8 @@ What it measures (everything on 127.0.0.1, DCMTK processes with ``TCP_NODELAY=1`
    (tests/harness/prometheus.py) scrapes it every second: a scrape must not slow receiving.
    Images/s = slices / wall time of the storescu process. After every push into the node the
    index must hold every instance (``SELECT COUNT(*) FROM instances``). Note that the node makes
-   every instance durable before it answers (fsync of the file and its folder, SQLite
-   ``synchronous=FULL``), storescp does not fsync at all.
+   every instance durable before it answers (fsync of the file and its folder, then the index row
+   committed: SQLite WAL, ``synchronous=NORMAL``), storescp does not fsync at all.
 2. **Turnaround.** The node with ``quiet_period_s = 10``, ``release_settle_s = 1`` and a DCMTK
    storescp as destination receives the series; the time from the last instance's
    ``received_at`` to the moment both SEG and RTSTRUCT are acknowledged by the destination
@@ -25,10 +25,13 @@ What it measures (everything on 127.0.0.1, DCMTK processes with ``TCP_NODELAY=1`
    job and send, together with the job's stage timings (``jobs.timings``) and the node's peak RSS
    (``VmHWM`` from ``/proc/<pid>/status`` of the service process and each of its descendants,
    sampled every 100 ms, summed; the peaks of the node's start, where a fresh state directory has it
-   compile its OpenVINO models and check BF16 once, are reported apart and then reset). With ``--backend`` the node runs that engine variant
-   (benchmarks/cpu_variants.py); its engines are first loaded once into the node's state directory by a
-   separate process, so the node imports OpenVINO's compiled models (and a BF16 model's agreement
-   verdict) from the cache as a restarted node does, and that first load's time and peak are reported.
+   compile its OpenVINO models and check BF16 once, are reported apart and then reset). With
+   ``--backend`` the node runs that engine variant (benchmarks/cpu_variants.py); its engines are first
+   loaded once into the node's state directory by a separate process, so the node imports OpenVINO's
+   compiled models (and a BF16 model's agreement verdict) from the cache as a restarted node does, and
+   that first load's time and peak are reported.
+   The default engines are loaded the same way (``--cold-start``: by the node at its start, as on a
+   first install).
 
 Every subprocess runs in its own process group and is killed on exit (normal, exception,
 SIGINT/SIGTERM/SIGHUP).
@@ -504,13 +507,15 @@ def prepare_engines(node: Node) -> dict[str, Any]:
 
 
 def bench_turnaround(files: list[Path], work: Path, say: Callable[[str], None],
-                     timeout_s: float = 240.0, engines: str = "") -> dict[str, Any]:
+                     timeout_s: float = 240.0, engines: str = "", cold_start: bool = False) -> dict[str, Any]:
     n = len(files)
     base = work / "turnaround"
     with DcmtkStoreSCP(base / "dest", base / "dest.log", ae_title=DEST_AET) as dest:
         node = Node(base / "node", quiet_period_s=10.0, release_settle_s=1.0,
                     destination=f"{DEST_AET}@{LOOPBACK}:{dest.port}", engines=engines)
-        prepared = prepare_engines(node) if engines else None
+        # As a restarted node: the engines are compiled (and BF16 checked) once, before, by another process, and
+        # the node imports them; --cold-start has the node do it at its own start (a first install).
+        prepared = None if cold_start else prepare_engines(node)
         if prepared is not None:
             say(f"  engines loaded once in {prepared['seconds']:.1f} s: {prepared['engines']}")
         try:
@@ -680,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, state) for a look")
     parser.add_argument("--only", choices=("receive", "turnaround"), default=None,
                         help="run one of the two parts (default: both)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="the turnaround node compiles its engines at its own start (a first install) instead of "
+                             "importing them as a restarted node does; its start's peaks are reported apart either way")
     parser.add_argument("--backend", choices=list(CPU_VARIANTS), default=None,
                         help="the turnaround node's engine variant (benchmarks/cpu_variants.py; default: the node's "
                              "own choice, engines loaded at its start)")
@@ -719,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "turnaround"):
             say("turnaround:")
             engines = engines_toml(args.backend, REPO / "engines", work) if args.backend else ""
-            turnaround = bench_turnaround(files, work, say, engines=engines)
+            turnaround = bench_turnaround(files, work, say, engines=engines, cold_start=args.cold_start)
         dcmtk = subprocess.run([str(STORESCU), "--version"], capture_output=True, text=True, timeout=10)
         result: dict[str, Any] = {
             "command": command,

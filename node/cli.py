@@ -8,6 +8,7 @@ retry    resend dead-lettered results; --job ID / --series UID: run failed jobs 
 replay   send a finished series' results again (same files, same SOP Instance UIDs)
 route    explain which rules and destinations match a received series
 engines  doctor | build | bench: the GPU, TensorRT plans, engine speed (node/cli_engines.py)
+bundles  import-nnunet: an nnU-Net v2 trained-model folder as a bundle (node/cli_bundles.py)
 review   list | approve JOB | reject JOB --reason TEXT: the review gate (node/cli_review.py)
 complete SERIES_UID: declare a series complete, segment it now (node/cli_series.py)
 web      add-user NAME: a login for the web UI (node/cli_review.py)
@@ -410,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli_engines import add_engines_parser
 
     add_engines_parser(sub, add_config, _load)
+    from node.cli_bundles import add_bundles_parser
+
+    add_bundles_parser(sub, add_config, _load)
     from node.cli_review import add_review_parsers
 
     add_review_parsers(sub, add_config, _load)

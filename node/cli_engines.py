@@ -6,6 +6,7 @@ doctor   the GPU (or why there is none), the CPU (model, AMX / AVX-512 BF16 / VN
 build    build (or verify) the TensorRT plans of the configured bundles into the state directory
 bench    time per tile and per volume, GFLOP/s and the fraction of the GPU's roofline or the CPU's peak,
          per engine: TensorRT, ONNX Runtime and OpenVINO (FP32, and BF16 where the CPU has it)
+export-triton  a Triton Inference Server model repository for the bundles (config.pbtxt, model.onnx, plans)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from node.config import NodeConfig
 from node.errors import InferenceError
 from node.infer.manifest import discover_bundles
 from node.model.bundle import Bundle
+from node.model.enums import EngineBackend
 
 if TYPE_CHECKING:
     from node.infer.cpu.doctor import CpuReport
@@ -70,6 +72,15 @@ def cmd_doctor(cfg: NodeConfig, args: argparse.Namespace) -> int:
                       r.per_volume_s, r.bound, r.plan, escape(why))
         console.print(t)
     _print_cpu(console, report.cpu)
+    if cfg.engine_backend is EngineBackend.TRITON:
+        from node.infer.backends.triton import readiness
+
+        t = Table(title=f"Triton at {cfg.triton.url}: each bundle's model (live, ready, tensors as expected)")
+        for c in ("bundle", "model", "readiness"):
+            t.add_column(c, overflow="fold")
+        for row in readiness(_bundles(cfg, args), cfg.triton):
+            t.add_row(*map(escape, row))
+        console.print(t)
     console.print(f"[bold]this node will run:[/bold] {escape(report.verdict)}")
     return 0
 
@@ -155,10 +166,22 @@ def cmd_bench(cfg: NodeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_triton(cfg: NodeConfig, args: argparse.Namespace) -> int:
+    from node.infer.triton_repo import InstanceKind, export_repository
+
+    kind = InstanceKind.CPU if args.instance_kind == "cpu" else InstanceKind.GPU
+    done = export_repository(_bundles(cfg, args), Path(args.repo_dir), state_dir=cfg.state_dir, kind=kind,
+                             max_batch=args.max_batch)
+    for m in done:
+        print(f"{m.model}: {m.kind}, max_batch_size {m.max_batch_size}, bundle {m.bundle} → {m.path}")
+    print(f"{len(done)} model(s) in {args.repo_dir}; its README.md says how to start Triton and point nodes at it")
+    return 0
+
+
 def add_engines_parser(sub: argparse._SubParsersAction,
                        add_config: Callable[[argparse.ArgumentParser], None],
                        load: Callable[[argparse.Namespace], NodeConfig]) -> None:
-    p = sub.add_parser("engines", help="inference engines: doctor, build, bench",
+    p = sub.add_parser("engines", help="inference engines: doctor, build, bench, export-triton",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = p.add_subparsers(dest="engines_command", required=True, metavar="VERB")
 
@@ -176,3 +199,8 @@ def add_engines_parser(sub: argparse._SubParsersAction,
     v = verb("bench", "time each engine per tile and per volume, against the GPU's roofline or the CPU's peak",
              cmd_bench)
     v.add_argument("--repeats", type=int, default=5, help="timed runs per engine (default 5)")
+    v = verb("export-triton", "write a Triton Inference Server model repository for the bundles", cmd_export_triton)
+    v.add_argument("repo_dir", metavar="REPO_DIR", help="the model repository to write (created if missing)")
+    v.add_argument("--instance-kind", choices=("gpu", "cpu"), default="gpu",
+                   help="instance_group kind of the ONNX models (default gpu; TensorRT plans are always gpu)")
+    v.add_argument("--max-batch", type=int, default=8, help="max_batch_size of the ONNX models (default 8)")

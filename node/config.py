@@ -24,6 +24,7 @@ from node.config_dicomweb import (
 )
 from node.config_qa import QaConfig, parse_qa
 from node.config_tls import TlsConfig, check_tls_files
+from node.config_triton import TritonConfig, parse_triton
 from node.config_web import WebConfig, parse_web
 from node.errors import ConfigError
 from node.model.enums import (
@@ -188,6 +189,7 @@ class NodeConfig:
     completeness: CompletenessConfig = CompletenessConfig()
     review_bundles: tuple[str, ...] = ()  # [bundles.NAME] review = true: every copy of their results is held
     qa: QaConfig = QaConfig()  # [qa]: edit QA of structure sets that come back edited (node/qa)
+    triton: TritonConfig = TritonConfig()  # [triton]: the server when engines.backend = "triton"
     source: str = "(embedded defaults)"
 
     def __post_init__(self) -> None:
@@ -352,6 +354,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         completeness=_completeness(top.table("completeness")),
         review_bundles=review_bundles,
         qa=parse_qa(top.table("qa")),
+        triton=parse_triton(top.table("triton"), base_dir),
         source=source,
     )
     top.finish()

@@ -22,13 +22,13 @@ def gaussian_weights(patch: tuple[int, int, int], sigma_scale: float = 0.125) ->
 
 
 def tile_starts(size: int, patch: int, step: int) -> list[int]:
-    """Start offsets covering [0, size) with tiles of ``patch``; the last tile ends at ``size``."""
+    """Start offsets covering [0, size) with tiles of ``patch``, at most ``step`` apart, the first at 0 and the
+    last ending at ``size``: as many tiles as steps of ``step`` need, spread evenly (nnU-Net's placement,
+    ``compute_steps_for_sliding_window``, so an imported nnU-Net model sees the very tiles it would see there)."""
     if size <= patch:
         return [0]
-    starts = list(range(0, size - patch + 1, step))
-    if starts[-1] != size - patch:
-        starts.append(size - patch)
-    return starts
+    count = -(-(size - patch) // step) + 1
+    return [int(np.round((size - patch) / (count - 1) * i)) for i in range(count)]
 
 
 def tile_grid(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float) -> list[tuple[int, int, int]]:

@@ -4,11 +4,12 @@ offline ``segment`` command share, so both produce the same objects (the same UI
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +18,12 @@ import numpy as np
 from node.assemble.select import SeriesFacts, why_not
 from node.assemble.volume import build_volume, read_series
 from node.errors import Declined, VolumeError
+from node.infer.backends.threads import heavy_step
 from node.infer.engine import Engine
+from node.infer.memory import release_free_memory
 from node.infer.segment import segment_volume
 from node.model.bundle import Bundle
-from node.model.enums import SegType
+from node.model.enums import ModelKind, SegType
 from node.model.records import StructureVolume
 from node.model.volume import MixedFrames, Volume
 from node.write.clean import Cleaning, clean_labels
@@ -54,6 +57,17 @@ class _Stopwatch:
         now = time.perf_counter()
         self.timings[name] = round(now - self._t, 3)
         self._t = now
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """Hold the worker's turn for a memory-heavy step (``heavy_step``); the wait for it is counted apart, in
+        ``waited``, not in the next lap (a network's wait for its turn is within its ``infer``)."""
+        started = time.perf_counter()
+        with heavy_step():
+            waited = time.perf_counter() - started
+            self.timings["waited"] = round(self.timings.get("waited", 0.0) + waited, 3)
+            self._t += waited
+            yield
 
 
 def derive_missing_filing_uids(volume: Volume) -> str:
@@ -146,6 +160,7 @@ class SeriesVolume:
                 self._error = exc
                 raise
             volume.voxels.flags.writeable = False
+            release_free_memory()  # the files' pixel data, now in the volume: back to the system before the jobs
             self._volume = volume
             return volume, watch.timings
 
@@ -178,9 +193,13 @@ def run_job(
     note = "; ".join(n for n in notes if n)  # e.g. the frame of reference chosen among several
     check_volume_series(volume, bundle)
     series_uid = str(volume.headers[0].SeriesInstanceUID)
-    labels = segment_volume(volume, bundle, engine)
+    # The large steps of the jobs of a series that run at once take turns (node/infer/backends/threads.py): a
+    # built-in bundle's segmentation here, a network's run in its engine, cleaning and writing below.
+    with watch.turn() if bundle.model_kind is ModelKind.BUILTIN else contextlib.nullcontext():
+        labels = segment_volume(volume, bundle, engine)
     watch.lap("infer")
-    _log_cleaning(clean_labels(labels, bundle, volume.geometry), series_uid, bundle)  # before both writers
+    with watch.turn():
+        _log_cleaning(clean_labels(labels, bundle, volume.geometry), series_uid, bundle)  # before both writers
     watch.lap("clean")
     found = present_labels(labels, bundle)
     if not found:
@@ -189,7 +208,8 @@ def run_job(
                        "in this series; nothing to write")
     uids = ResultUids.for_job(job_key(series_uid, bundle.id, volume.sop_instance_uids))
     result = Result(volume, labels, bundle, found, uids, provenance)
-    objects = write_results(result, out_dir, write_seg=write_seg, write_rtstruct=write_rtstruct, seg_type=seg_type)
+    with watch.turn():  # writing is the other large step (SEG frames, contours): it takes its turn too
+        objects = write_results(result, out_dir, write_seg=write_seg, write_rtstruct=write_rtstruct, seg_type=seg_type)
     watch.lap("write")
     volumes = structure_volumes(result)
     if preview_png or preview_sc:

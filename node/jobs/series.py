@@ -9,11 +9,10 @@ own after a crash.
 
 On a machine with :data:`PARALLEL_MIN_CPUS` or more CPUs the jobs run at once (two, or one per two CPUs
 on a larger machine), in threads of the worker: the engines and most of numpy and scipy release the GIL,
-and the volume is shared, read-only. A network engine runs on every CPU but one by default
-(node/infer/backends/threads.py), leaving that one to the built-in body-lungs job beside it: on this
-2-core machine the default bundles took 13.2 s at once (the liver network on 1 thread) against 15.8 s one
-after the other (2 threads), with other work on the machine (issue 16; the README's turnaround table).
-On a single CPU they run one after the other.
+and the volume is shared, read-only. Their memory-heavy steps (a network's run, a built-in bundle's
+segmentation, writing) take turns (:data:`node.infer.backends.threads.HEAVY_STEP`), so what overlaps is the
+rest: body-lungs' segmentation beside the liver's preprocessing, one job's writing beside the other's
+post-processing. On a single CPU they run one after the other.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ class EngineBackend(enum.StrEnum):
     CPU = "cpu"  # ONNX Runtime on the CPU; the GPU is never touched
     TENSORRT = "tensorrt"  # the GPU or nothing: the service does not start without it
     OPENVINO = "openvino"  # OpenVINO on the CPU (BF16 on AMX / AVX-512 BF16 units); "auto" tries it before "cpu"
+    CUDA = "cuda"  # ONNX Runtime's CUDA execution provider (onnxruntime-gpu); "auto" tries it after TensorRT
+    TRITON = "triton"  # a Triton Inference Server ([triton] url); never chosen by "auto"
 
 
 class ModelKind(enum.StrEnum):

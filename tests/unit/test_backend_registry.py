@@ -61,7 +61,8 @@ class _ZerosBackend:
 
 def test_auto_prefers_the_gpu_and_ends_on_the_cpu() -> None:
     auto = registry.candidates(EngineBackend.AUTO)
-    assert [b.name for b in auto] == [EngineBackend.TENSORRT, EngineBackend.OPENVINO, EngineBackend.CPU]
+    assert [b.name for b in auto] == [EngineBackend.TENSORRT, EngineBackend.CUDA, EngineBackend.OPENVINO,
+                                      EngineBackend.CPU]
     assert [b.name for b in registry.candidates(EngineBackend.CPU)] == [EngineBackend.CPU]
     assert registry.LAST_RESORT is auto[-1].name
     assert registry.is_strict(EngineBackend.TENSORRT) and not registry.is_strict(EngineBackend.CPU)

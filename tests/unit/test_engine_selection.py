@@ -58,10 +58,11 @@ def test_auto_falls_back_to_the_cpu_and_says_why_once(caplog: pytest.LogCaptureF
     assert all(x.description.startswith(f"{runner} ") and "on the CPU" in x.description for x in loaded)
     warnings = [r.getMessage() for r in caplog.records]
     # two bundles, one reason per backend passed over: logged once (and OpenVINO's when it is missing)
-    assert len(warnings) == (1 if openvino else 2), warnings
+    assert len(warnings) == (2 if openvino else 3), warnings
     assert f"{runner} runs on the CPU" in warnings[0] and "pip install '.[gpu]'" in warnings[0]
+    assert "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)" in warnings[1]  # "cuda" after TensorRT
     if not openvino:
-        assert "pip install openvino" in warnings[1]
+        assert "pip install openvino" in warnings[2]
     # The fallback engine really runs.
     out = loaded[0].engine.run(np.zeros((1, 1, 32, 128, 128), np.float32))  # type: ignore[union-attr]
     assert out.shape == (1, 2, 32, 128, 128)

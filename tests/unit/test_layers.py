@@ -17,19 +17,20 @@ NODE = Path(__file__).resolve().parents[2] / "node"
 #: send; jobs and service compose them; the command line is the roof.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("node", "node.errors", "node.model"),  # ground floor
-    ("node.config", "node.config_dicomweb", "node.config_qa", "node.config_tls", "node.config_web",
-     "node.telemetry"),  # + metrics
+    ("node.config", "node.config_dicomweb", "node.config_qa", "node.config_tls", "node.config_triton",
+     "node.config_web", "node.telemetry"),  # + metrics
     ("node.spool",),  # receive: files + the index (the only SQL), and the queries on it
     ("node.dicom",),  # receive: the SCP (into the spool), and the SCU that send uses
     ("node.assemble",),
     ("node.infer", "node.read"),
-    ("node.write",),
+    ("node.write", "node.nnunet"),  # + importing nnU-Net models as bundles (torch only inside it)
     ("node.qa",),  # edit QA: edited structure sets back in (node.read) → metrics against our result
     ("node.send",),
     ("node.jobs",),
     ("node.web",),  # the web UI: pages on the index's queries and the operator commands
     ("node.service",),
-    ("node.cli", "node.cli_engines", "node.cli_qa", "node.cli_review", "node.cli_series", "node.__main__"),
+    ("node.cli", "node.cli_bundles", "node.cli_engines", "node.cli_qa", "node.cli_review", "node.cli_series",
+     "node.__main__"),
 )
 
 

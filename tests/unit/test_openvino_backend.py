@@ -150,7 +150,7 @@ def test_cache_records_models_and_rejections(tmp_path: Path, caplog: pytest.LogC
 
 def test_auto_tries_openvino_after_the_gpu_and_before_onnxruntime() -> None:
     assert [b.name for b in registry.candidates(EngineBackend.AUTO)] == [
-        EngineBackend.TENSORRT, EngineBackend.OPENVINO, EngineBackend.CPU]
+        EngineBackend.TENSORRT, EngineBackend.CUDA, EngineBackend.OPENVINO, EngineBackend.CPU]
     assert registry.is_strict(EngineBackend.OPENVINO)  # named, it is OpenVINO or nothing
     found = {s.name: s for s in registry.statuses()}
     assert found["openvino"].available or found["openvino"].detail == "openvino is not installed: pip install openvino"

@@ -21,7 +21,6 @@ import pytest
 from node.config import NodeConfig
 from node.errors import VolumeError
 from node.infer.backends.loader import EngineLoader
-from node.infer.backends.threads import network_threads
 from node.infer.manifest import discover_bundles
 from node.jobs.pipeline import SeriesVolume
 from node.jobs.series import PARALLEL_MIN_CPUS, parallel_jobs, run_series
@@ -90,15 +89,13 @@ def test_claim_job_still_takes_one_and_qa_jobs_never_join_a_batch(tmp_path: Path
     assert [j.id for j in index.claim_series_jobs("worker-0-1", now=NOW + 3)] == [ids[2]]
 
 
-def test_parallel_only_where_cores_allow_and_the_network_leaves_a_core_to_the_others() -> None:
+def test_parallel_only_where_cores_allow() -> None:
     assert parallel_jobs(2, cpus=1) == 1
     assert parallel_jobs(2, cpus=PARALLEL_MIN_CPUS) == 2
     assert parallel_jobs(3, cpus=2) == 2
     assert parallel_jobs(5, cpus=16) == 5
     assert parallel_jobs(5, cpus=6) == 3
     assert parallel_jobs(1, cpus=16) == 1
-    assert [network_threads(0, cpus=n) for n in (1, 2, 16)] == [1, 1, 15]
-    assert network_threads(3, cpus=2) == 3  # engines.threads, when set, is kept
 
 
 # ------------------------------------------------------------------------------------------------ volume

@@ -59,4 +59,4 @@ def test_sliding_window_reassembles_the_image() -> None:
     out = sliding_window(image, _Identity(), patch=(4, 16, 16), overlap=0.25, batch=3, pad_value=0.0)
     assert out.shape == (2, 10, 37, 29)
     assert np.allclose(out[1], image, atol=1e-5)
-    assert tile_starts(37, 16, 12) == [0, 12, 21]
+    assert tile_starts(37, 16, 12) == [0, 10, 21]  # 3 tiles spread evenly, as nnU-Net places them

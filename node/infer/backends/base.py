@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from node.config_triton import TritonConfig
 from node.infer.engine import BackendStatus, Engine
 from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
@@ -25,6 +26,7 @@ class BackendSettings:
     state_dir: Path  # plan and model caches live under it
     threads: int = 0  # CPU threads (0: every core)
     gpu_index: int = 0
+    triton: TritonConfig = TritonConfig()  # [triton]: the server, when engines.backend = "triton"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class EngineLoader:
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> EngineLoader:
-        return cls(cfg.engine_backend, BackendSettings(cfg.state_dir, cfg.engine_threads, cfg.gpu_index))
+        return cls(cfg.engine_backend, BackendSettings(cfg.state_dir, cfg.engine_threads, cfg.gpu_index,
+                                                       triton=cfg.triton))
 
     def get(self, bundle: Bundle) -> LoadedEngine:
         if bundle.id not in self._engines:

@@ -9,7 +9,7 @@ import numpy as np
 
 from node.errors import InferenceError
 from node.infer.backends.base import BackendSettings, LoadedEngine
-from node.infer.backends.threads import network_threads
+from node.infer.backends.threads import heavy_step
 from node.infer.engine import BackendStatus
 from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
@@ -52,8 +52,9 @@ class OnnxRuntimeEngine:
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
         try:
-            (out,) = self._session.run([self.output_name], {self.input_name: np.ascontiguousarray(tiles, np.float32)},
-                                       self._run_options)
+            feed = {self.input_name: np.ascontiguousarray(tiles, np.float32)}
+            with heavy_step():  # one memory-heavy step at a time in the worker (node/infer/backends/threads.py)
+                (out,) = self._session.run([self.output_name], feed, self._run_options)
         except Exception as exc:
             raise InferenceError(f"ONNX Runtime failed on a batch of shape {tiles.shape}: {exc}") from exc
         return np.asarray(out, dtype=np.float32)
@@ -66,7 +67,7 @@ class _OnnxRuntimeSession:
     def engine(self, bundle: Bundle) -> LoadedEngine:
         assert bundle.model_file is not None  # built-in algorithms never reach a backend
         engine = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name,
-                                   threads=network_threads(self.threads))  # all CPUs but one unless configured
+                                   threads=self.threads)
         return LoadedEngine(engine, "ONNX Runtime on the CPU")
 
     def close(self) -> None:

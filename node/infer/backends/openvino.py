@@ -30,7 +30,7 @@ import numpy as np
 
 from node.errors import InferenceError
 from node.infer.backends.base import BackendSettings, LoadedEngine
-from node.infer.backends.threads import network_threads
+from node.infer.backends.threads import heavy_step
 from node.infer.cpu.agreement import judge, reference_output
 from node.infer.cpu.features import CpuInfo, read_cpu
 from node.infer.cpu.model_cache import CachedModel, Check, CompiledKey, ModelCache
@@ -99,10 +99,10 @@ def plan_cpu_model(bundle: Bundle, cpu: CpuInfo, *, openvino_bf16: bool) -> CpuM
 
 
 def compile_properties(precision: CpuPrecision, threads: int) -> dict[str, Any]:
-    """OpenVINO's CPU properties: the precision, the latency hint and the threads (``engines.threads``, or by
-    default every usable CPU but one: node/infer/backends/threads.py)."""
-    return {"INFERENCE_PRECISION_HINT": precision.openvino_type, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": network_threads(threads)}
+    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision.openvino_type, "PERFORMANCE_HINT": "LATENCY"}
+    if threads > 0:
+        properties["INFERENCE_NUM_THREADS"] = threads
+    return properties
 
 
 class OpenVinoEngine:
@@ -129,6 +129,10 @@ class OpenVinoEngine:
         self._release = getattr(compiled, "release_memory", None) if release_after_run else None
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
+        with heavy_step():  # one memory-heavy step at a time in the worker (node/infer/backends/threads.py)
+            return self._run(tiles)
+
+    def _run(self, tiles: np.ndarray) -> np.ndarray:
         tiles = np.ascontiguousarray(tiles, np.float32)
         parts = []
         for start in range(0, tiles.shape[0], self.batch):

@@ -118,7 +118,11 @@ class DoctorReport:
 
 def doctor(bundles: list[Bundle], *, backend: EngineBackend, state_dir: Path | None, profile_path: Path | None = None,
            gpu_index: int = 0, threads: int = 0) -> DoctorReport:
-    backends = [onnxruntime_status(), openvino_status(), tensorrt_status(), pycuda_status(), nvml_status()]
+    from node.infer.backends.cuda import status as cuda_status
+    from node.infer.backends.triton import status as triton_status
+
+    backends = [onnxruntime_status(), openvino_status(), tensorrt_status(), pycuda_status(), nvml_status(),
+                cuda_status(), triton_status()]
     status = {b.name: b for b in backends}
     gpu: GpuProfile | None = None
     problem = ""
@@ -143,6 +147,13 @@ def doctor(bundles: list[Bundle], *, backend: EngineBackend, state_dir: Path | N
         verdict = ("engines.backend is 'openvino': every model runs on OpenVINO on the CPU; the GPU is not used."
                    if status["openvino"].available else
                    f"engines.backend is 'openvino' and the service will not start: {status['openvino'].detail}.")
+    elif backend is EngineBackend.TRITON:
+        verdict = ("engines.backend is 'triton': the networks run on the Triton server of [triton] url; the node "
+                   "starts even when it is down (jobs wait in the queue).")
+    elif backend is EngineBackend.CUDA:
+        cuda = status["onnxruntime-cuda"]
+        verdict = ("engines.backend is 'cuda': every model runs on ONNX Runtime's CUDA provider (FP32)."
+                   if cuda.available else f"engines.backend is 'cuda' and the service will not start: {cuda.detail}.")
     elif profile_path is None and gpu is not None and not missing:
         verdict = "TensorRT on the GPU: plans are built at the first start (or by `engines build`) and cached."
     else:
