@@ -25,7 +25,11 @@ class SeriesView:
 
     @property
     def final(self) -> tuple[str, str] | None:
-        """('ignored', note) | ('failed', error) | ('done', '') | None while not settled."""
+        """('ignored', note) | ('failed', error) | ('done', '') | ('qa', note) | None while not settled.
+
+        A structure set or SEG is not segmented: its series gets an edit-QA job, which ends done with what it
+        found in its note (a set it could not compare is "rejected" there, with the reason).
+        """
         if self.state == "ignored":
             return "ignored", self.note
         if self.state != "dispatched" or not self.jobs:
@@ -33,6 +37,8 @@ class SeriesView:
         if any(j["state"] not in ("done", "failed") for j in self.jobs):
             return None
         last = max(self.jobs, key=lambda j: j["id"])
+        if last["state"] == "done" and last.get("kind") == "qa":
+            return "qa", str(last.get("note", ""))
         return ("done", "") if last["state"] == "done" else ("failed", str(last["error"]))
 
 
@@ -99,7 +105,7 @@ def _judge_success(case: Case, sop: str, view: IndexView) -> tuple[str, bool, st
     kind, reason = final
     if kind == "done":
         return "job done", e.done, "" if e.done else f"series {series!r}: the job completed on malformed input"
-    label = "ignored" if kind == "ignored" else "job failed"
+    label = {"ignored": "ignored", "qa": "qa rejected"}.get(kind, "job failed")
     if reason.startswith("unexpected "):
         return label, False, f"unhelpful reason (an internal exception): {reason[:300]}"
     if e.reason and re.search(e.reason, reason, re.IGNORECASE):
