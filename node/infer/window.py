@@ -5,20 +5,22 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from scipy import ndimage
 
 from node.infer.engine import Engine
 
 
 def gaussian_weights(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Importance map that favours tile centres (nnU-Net's choice: sigma = patch/8)."""
-    axes = []
-    for n in patch:
-        x = np.arange(n, dtype=np.float32) - (n - 1) / 2
-        sigma = max(n * sigma_scale, 1e-3)
-        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    """Importance map that favours tile centres, exactly nnU-Net's (``compute_gaussian``): a unit impulse at
+    voxel patch // 2 filtered with sigma = patch/8 (scipy, truncated at 4 sigma), scaled to a maximum of 1,
+    its zeros raised to the smallest positive weight. An imported nnU-Net model's tiles are then blended
+    as nnU-Net blends them."""
+    impulse = np.zeros(patch, dtype=np.float64)
+    impulse[tuple(n // 2 for n in patch)] = 1.0
+    w = ndimage.gaussian_filter(impulse, [max(n * sigma_scale, 1e-3) for n in patch], 0, mode="constant", cval=0.0)
     w /= w.max()
-    return np.maximum(w, 1e-3).astype(np.float32)
+    w[w <= 0] = w[w > 0].min()
+    return w.astype(np.float32)
 
 
 def tile_starts(size: int, patch: int, step: int) -> list[int]:

@@ -32,7 +32,8 @@ def _torch() -> Any:
         import torch
     except ImportError:
         raise BundleError("importing an nnU-Net model needs torch and nnunetv2, which are not installed; "
-                          "install the extra: pip install 'dicom-seg-node[import]' (or '.[import]' in a checkout)") from None
+                          "install the extra: pip install 'dicom-seg-node[import]' (or '.[import]' in a "
+                          "checkout)") from None
     return torch
 
 

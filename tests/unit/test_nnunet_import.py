@@ -178,3 +178,18 @@ def test_two_folds_import_as_one_ensemble_bundle_through_the_cli(tmp_path: Path,
     assert probs.shape == (2, 4, 16, 64, 64) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     with pytest.raises(BundleError, match=r"tiny: already exists"):
         import_nnunet(model, engines / "tiny", labels_map=LABELS_CSV)
+
+
+@needs_torch
+def test_mirroring_goes_into_the_graph_and_leaves_a_flip_invariant_model(tmp_path: Path) -> None:
+    import onnxruntime
+
+    model = make_model_folder(tmp_path / "model")
+    report = import_nnunet(model, _engines(tmp_path) / "tiny", labels_map=LABELS_CSV, mirror=True)
+    assert report.mirrored and "mirrored" in report.bundle.description and report.max_difference <= 1e-3
+    assert report.bundle.model_file is not None
+    session = onnxruntime.InferenceSession(str(report.bundle.model_file), providers=["CPUExecutionProvider"])
+    patch = np.random.default_rng(0).normal(size=(1, 1, 16, 64, 64)).astype(np.float32)
+    probs = session.run(None, {"image": patch})[0]
+    flipped = session.run(None, {"image": np.ascontiguousarray(patch[:, :, ::-1, :, ::-1])})[0]
+    assert np.allclose(probs, flipped[:, :, ::-1, :, ::-1], atol=1e-4)  # the mean over all flips is flip-invariant
