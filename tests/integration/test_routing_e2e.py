@@ -121,9 +121,11 @@ calling_ae = ["CT_ER"]
     # the routing sentence comes first; the writer's contour check follows it ("; contours: BODY …")
     assert jobs[unlisted.series_uid]["note"].startswith(
         "sent nowhere: pacs: calling AE 'CT_UNLISTED' is not one of ['CT_SIM1', 'CT_ER'] | tps: calling AE "
-        "'CT_UNLISTED' is not one of ['CT_SIM1'] | er-viewer: calling AE 'CT_UNLISTED' is not one of ['CT_ER']; contours: BODY")
-    assert jobs[planning.series_uid]["note"].startswith("sent to pacs (SEG), tps (RTSTRUCT); not to er-viewer: calling AE "
-                                                        "'CT_SIM1' is not one of ['CT_ER']; contours: BODY")
+        "'CT_UNLISTED' is not one of ['CT_SIM1'] | er-viewer: calling AE 'CT_UNLISTED' is not one of "
+        "['CT_ER']; contours: BODY")
+    assert jobs[planning.series_uid]["note"].startswith(
+        "sent to pacs (SEG), tps (RTSTRUCT); not to er-viewer: calling AE 'CT_SIM1' is not one of ['CT_ER']; "
+        "contours: BODY")
     routes = {(o["destination"], o["sop_class_uid"]): o["route"] for o in status["outbox"]}
     assert routes[("tps", RTSTRUCT_CLASS)].startswith("RTSTRUCT of ['body-threshold'] when calling AE in ['CT_SIM1']")
     assert "decision: no rule matched" in route_text and "pacs (" in route_text
