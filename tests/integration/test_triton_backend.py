@@ -38,7 +38,14 @@ from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
 from tests.harness.dcmtk import StoreSCP, storescu, tool_missing_reason
 from tests.harness.node_process import NodeProcess
-from tests.harness.result_checks import RTSTRUCT_CLASS, SEG_CLASS, check_rtstruct, check_seg, read_sources
+from tests.harness.result_checks import (
+    RTSTRUCT_CLASS,
+    SEG_CLASS,
+    assert_dciodvfy_clean,
+    check_rtstruct,
+    check_seg,
+    read_sources,
+)
 from tests.harness.synthetic_ct import write_ct_series
 from tests.harness.triton import TritonServer, stub_env, unavailable_reason, write_python_model
 
@@ -153,7 +160,7 @@ def _deferred(status: dict[str, Any]) -> bool:
 
 def test_storescu_to_a_triton_node_delivers_the_cpu_labels_once_triton_is_up(repo: Path, bundle: Bundle,
                                                                              tmp_path: Path) -> None:
-    if reason := tool_missing_reason("storescu", "storescp"):
+    if reason := tool_missing_reason("storescu", "storescp", "dciodvfy"):
         pytest.skip(reason)
     series = write_ct_series(tmp_path / "ct", slices=24, rows=160, columns=160, pixel_spacing=(2.5, 2.5),
                              slice_thickness=5.0, origin=(-200.0, -200.0, -60.0))
@@ -180,6 +187,8 @@ def test_storescu_to_a_triton_node_delivers_the_cpu_labels_once_triton_is_up(rep
     assert set(results) == {SEG_CLASS, RTSTRUCT_CLASS} and len(files) == 2  # delivered once
     check_seg(results[SEG_CLASS], sources, {"BODY"})
     check_rtstruct(results[RTSTRUCT_CLASS], sources, {"BODY"})
+    for path in results.values():
+        assert_dciodvfy_clean(path)
     seg = hd.seg.segread(results[SEG_CLASS])
     uids = [str(u) for u in series.sop_instance_uids]
     delivered = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], combine_segments=False)[..., 0] > 0
