@@ -37,6 +37,7 @@ from tests.harness.dcmtk import free_port, storescu, tool_missing_reason
 from tests.harness.index_rows import read_index
 from tests.harness.node_process import REPO, NodeProcess
 from tests.harness.plastimatch import plastimatch_missing_reason, rtstruct_to_masks
+from tests.harness.result_checks import assert_dciodvfy_clean
 from tests.harness.synthetic_ct import write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -108,7 +109,8 @@ def _cli(node: NodeProcess, *args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.skipif(tool_missing_reason("storescu") is not None, reason=str(tool_missing_reason("storescu")))
+@pytest.mark.skipif(tool_missing_reason("storescu", "dciodvfy") is not None,
+                    reason=str(tool_missing_reason("storescu", "dciodvfy")))
 @pytest.mark.skipif(plastimatch_missing_reason() is not None, reason=str(plastimatch_missing_reason()))
 def test_edited_structure_sets_are_measured_against_the_nodes_result(tmp_path: Path) -> None:
     http = free_port()
@@ -135,7 +137,7 @@ def test_edited_structure_sets_are_measured_against_the_nodes_result(tmp_path: P
         storescu("127.0.0.1", node.port, node.ae_title, edited, calling_aet="ARIA")
         chest_qa = _qa(node, str(ds.SOPInstanceUID))
 
-        real_qa = None
+        real_qa, real_ours = None, None
         if real is not None:
             real_uid = str(dcmread(next(real.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
             real_ours = _our_rtstruct(node, real_uid)
@@ -176,6 +178,9 @@ def test_edited_structure_sets_are_measured_against_the_nodes_result(tmp_path: P
     assert got["BODY"]["their_name"] == "BODY" and got["Lung_R"]["theirs_ml"] == 0.0
     assert len(eroded_at) == 10
 
+    for written in (ours, real_ours):  # the node's own structure sets, as every object it writes
+        if written is not None:
+            assert_dciodvfy_clean(written)
     # The same comparison from plastimatch's rasterisation, measured with numpy / scipy.
     pm_ours = rtstruct_to_masks(ours, chest.directory, tmp_path / "pm-ours")
     pm_theirs = rtstruct_to_masks(edited, chest.directory, tmp_path / "pm-theirs")
