@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 
 def _bundles(cfg: NodeConfig, args: argparse.Namespace) -> list[Bundle]:
-    return discover_bundles(cfg.bundles_dir, tuple(args.bundle) if args.bundle else cfg.bundles)
+    """The bundles these commands are about, a parts bundle as its networks (``total.organs``, …): each has
+    its own model file, engine, plan and Triton model."""
+    found = discover_bundles(cfg.bundles_dir, tuple(args.bundle) if args.bundle else cfg.bundles)
+    return [network for bundle in found for network in (bundle.networks if bundle.parts else (bundle,))]
 
 
 def cmd_doctor(cfg: NodeConfig, args: argparse.Namespace) -> int:

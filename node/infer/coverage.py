@@ -22,8 +22,8 @@ def check_coverage(bundle: Bundle, geometry: Geometry) -> None:
     slices, spacing = geometry.shape[0], geometry.spacing[0]
     extent = slices * spacing
     uneven = "" if geometry.is_uniform else geometry.gap_summary()
-    if uneven and bundle.model_kind is not ModelKind.BUILTIN and \
-            bundle.preprocess.uneven_slices is UnevenSlices.DECLINE:
+    if uneven and bundle.model_kind is ModelKind.ONNX and \
+            bundle.preprocess.uneven_slices is UnevenSlices.DECLINE:  # parts: each part's own manifest says
         raise Declined(
             f"{bundle.name} needs evenly spaced slices (its network runs on a regular grid and its manifest does "
             f"not resample uneven stacks); this series has {uneven}"

@@ -8,8 +8,11 @@ ROI type or label, half-pixel smoothing; node/write/clean.py), the algorithm's i
 file with its sha256. Adding a model means adding a
 directory; the README walks through one.
 
-Two kinds of model: ``kind = "onnx"`` (a network run by the configured engine) and
-``kind = "builtin"`` (a rule-based algorithm shipped in the node's code, named by ``algorithm``).
+Three kinds of model: ``kind = "onnx"`` (a network run by the configured engine), ``kind = "builtin"``
+(a rule-based algorithm shipped in the node's code, named by ``algorithm``) and ``kind = "parts"``
+(several networks, ``[[parts]]``, each with its own ``file``, ``sha256``, ``values`` (its classes → the
+bundle's label values), ``[parts.preprocess]`` and ``[parts.window]``; combined as ``combine`` says:
+node/infer/parts.py). A label's ``roi_name`` is its RTSTRUCT ROI name when that differs from ``name``.
 
 The manifest is read with the same typed reader as the node's configuration
 (:class:`node.model.tables.Table`): a wrong type, a value outside its choices or a key the format
@@ -38,12 +41,21 @@ from node.model.bundle import (
     CpuOptions,
     GpuOptions,
     Label,
+    Part,
     Postprocess,
     Preprocess,
     Selection,
     Window,
 )
-from node.model.enums import Activation, CpuPrecisionRequest, Crop, ModelKind, PrecisionRequest, WindowMode
+from node.model.enums import (
+    Activation,
+    CpuPrecisionRequest,
+    Crop,
+    ModelKind,
+    PartsCombine,
+    PrecisionRequest,
+    WindowMode,
+)
 from node.model.tables import Table
 from node.model.volume import UnevenSlices
 
@@ -85,6 +97,7 @@ def _labels(top: Table) -> tuple[Label, ...]:
                 color_rgb=(color[0], color[1], color[2]),
                 rt_roi_type=rt_type,
                 includes=tuple(includes),
+                roi_name=lt.get("roi_name", str, ""),
             )
         )
     where = f"{top.source}: [[labels]]"
@@ -124,6 +137,8 @@ def _model(top: Table, labels: tuple[Label, ...]) -> tuple[ModelKind, str, Path 
             raise BundleError(f"{top.source}: label values {unknown} are not produced by {builtin} "
                               f"(it produces {sorted(produced)})")
         return kind, builtin, None, "", m
+    if kind is ModelKind.PARTS:
+        return kind, "", None, "", m
     directory = Path(top.source).parent
     return kind, "", directory / m.require("file", str), m.require("sha256", str).lower(), m
 
@@ -236,6 +251,56 @@ def _contours(c: Table, labels: tuple[Label, ...]) -> ContourOptions:
     return ContourOptions(tuple(rules))
 
 
+def _part_values(pt: Table, labels: tuple[Label, ...]) -> tuple[tuple[int, int], ...]:
+    """``values = [[class, label value], …]``: each class once (1-255), each target a label of the bundle."""
+    raw = pt.require("values", list)
+    known = {label.value for label in labels}
+    pairs: list[tuple[int, int]] = []
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+            raise pt.fail("values", f"has {pair!r}; expected [class the network outputs, bundle label value] pairs")
+        if not 1 <= pair[0] <= 255 or pair[1] not in known:
+            raise pt.fail("values", f"has {pair!r}; expected a class 1-255 and one of the bundle's label values "
+                          f"{sorted(known)}")
+        pairs.append((pair[0], pair[1]))
+    classes = [source for source, _ in pairs]
+    if not pairs or len(set(classes)) != len(classes):
+        raise pt.fail("values", f"lists classes {classes}; expected at least one class, each once")
+    return tuple(pairs)
+
+
+def _parts(top: Table, parent: Bundle) -> tuple[Part, ...]:
+    """``[[parts]]``: each a complete single-network bundle whose labels carry the network's own classes."""
+    by_value = {label.value: label for label in parent.labels}
+    parts: list[Part] = []
+    for pt in top.tables("parts", required=True):
+        name = pt.require("name", str)
+        if not name or not all(c.isalnum() or c in "-_" for c in name) or name in {p.name for p in parts}:
+            raise pt.fail("name", f"is {name!r}; expected a name of letters, digits, '-' and '_', unique in the bundle")
+        values = _part_values(pt, parent.labels)
+        part_labels = tuple(dataclasses.replace(by_value[target], value=source, includes=())
+                            for source, target in values)
+        network = dataclasses.replace(
+            parent,
+            name=f"{parent.name}.{name}",
+            model_kind=ModelKind.ONNX,
+            model_file=parent.directory / pt.require("file", str),
+            model_sha256=pt.require("sha256", str).lower(),
+            input_name=pt.get("input", str, "image"),
+            output_name=pt.get("output", str, "probabilities"),
+            activation=pt.choice("activation", Activation, Activation.SOFTMAX),
+            preprocess=_preprocess(pt.table("preprocess", required=True)),
+            window=_window(pt.table("window", required=True)),
+            postprocess=Postprocess(largest_component=False, fill_holes_2d=False, min_volume_ml=0.0),
+            labels=part_labels,
+            contours=ContourOptions(),
+            parts=(),
+        )
+        parts.append(Part(name=name, bundle=network, values=values))
+    return tuple(parts)
+
+
 def load_bundle(directory: Path) -> Bundle:
     """Read and validate ``directory/manifest.toml``."""
     manifest = directory / "manifest.toml"
@@ -252,7 +317,7 @@ def load_bundle(directory: Path) -> Bundle:
     labels = _labels(top)
     kind, builtin, model_file, sha256, m = _model(top, labels)
     # Sections a built-in algorithm does not need are optional for it.
-    network = kind is ModelKind.ONNX
+    network = kind is ModelKind.ONNX  # a parts bundle has these per part
     p = top.table("preprocess", required=network)
     w = top.table("window", required=network)
     post = top.table("postprocess")
@@ -298,12 +363,18 @@ def load_bundle(directory: Path) -> Bundle:
         cpu=_cpu_options(top.table("cpu"), gpu),
         contours=_contours(top.table("contours"), labels),
     )
+    if kind is ModelKind.PARTS:
+        bundle = dataclasses.replace(bundle, parts=_parts(top, bundle),
+                                     combine=m.choice("combine", PartsCombine, PartsCombine.OVERLAY))
     top.finish()
     return bundle
 
 
 def verify_model(bundle: Bundle) -> None:
-    """Check the model file's sha256 against the manifest (built-in algorithms have no file)."""
+    """Check the model file's sha256 against the manifest (built-in algorithms have no file; a parts bundle's
+    parts have one each)."""
+    for part in bundle.parts:
+        verify_model(part.bundle)
     if bundle.model_file is None:
         return
     try:

@@ -56,10 +56,14 @@ def segment_volume(volume: Volume, bundle: Bundle, engine: Engine | None) -> np.
     Raises :class:`node.errors.Declined` when the series is outside the bundle's coverage.
     """
     check_coverage(bundle, volume.geometry)
-    if not volume.geometry.is_uniform and bundle.model_kind is not ModelKind.BUILTIN:
+    if not volume.geometry.is_uniform and bundle.model_kind is ModelKind.ONNX:
         return segment_uneven(volume, bundle, engine, segment_volume)  # a network: via a regular grid
     release_free_memory()  # what an earlier job left in the heap
-    if bundle.model_kind is ModelKind.BUILTIN:
+    if bundle.parts:  # each part through this function as a single network, then combined
+        from node.infer.parts import segment_parts
+
+        labels = segment_parts(volume, bundle, engine, segment_volume)
+    elif bundle.model_kind is ModelKind.BUILTIN:
         labels = _builtin(volume, bundle)
     elif engine is None:
         raise BundleError(f"bundle {bundle.name} needs an inference engine and none was given")

@@ -11,7 +11,17 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.model.enums import Activation, CpuPrecisionRequest, Crop, ModelKind, PrecisionRequest, WindowMode
+import numpy as np
+
+from node.model.enums import (
+    Activation,
+    CpuPrecisionRequest,
+    Crop,
+    ModelKind,
+    PartsCombine,
+    PrecisionRequest,
+    WindowMode,
+)
 from node.model.volume import UnevenSlices
 
 #: Built-in (rule-based) algorithms a bundle may name, and the label values each produces.
@@ -40,6 +50,14 @@ class Label:
     #: Other label values whose voxels also belong to this structure (BODY includes the lungs): the
     #: label volume holds each voxel's innermost structure, the writers give every structure its own mask.
     includes: tuple[int, ...] = ()
+    #: The RTSTRUCT ROI Name (TG-263 for imported TotalSegmentator bundles); empty: ``name``. The SEG's segment
+    #: label is ``name`` either way, and both carry the coded type.
+    roi_name: str = ""
+
+    @property
+    def structure_set_name(self) -> str:
+        """The ROI Name an RTSTRUCT gives this structure (before a site's rename table)."""
+        return self.roi_name or self.name
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,36 @@ class Bundle:
     cpu: CpuOptions = CpuOptions()
     contours: ContourOptions = ContourOptions()  # cleaning and smoothing of the written contours
 
+    #: A parts bundle's networks (``[model] kind = "parts"``), in the order their labels are combined.
+    parts: tuple[Part, ...] = ()
+    combine: PartsCombine = PartsCombine.OVERLAY
+
     @property
     def id(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def networks(self) -> tuple[Bundle, ...]:
+        """The single-network bundles an engine is made for: a parts bundle's parts, a network bundle itself,
+        none for a built-in algorithm."""
+        if self.parts:
+            return tuple(part.bundle for part in self.parts)
+        return () if self.model_file is None else (self,)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One network of a parts bundle: a complete single-network bundle (its own model file, preprocessing
+    and window; labels carrying the network's own class values) and where its classes go in the
+    combined label map."""
+
+    name: str
+    bundle: Bundle
+    values: tuple[tuple[int, int], ...]  # (class the network outputs, bundle label value); others dropped
+
+    def lookup(self) -> np.ndarray:
+        """A 256-entry table from the network's classes to the bundle's label values (0: dropped)."""
+        table = np.zeros(256, dtype=np.uint8)
+        for source, target in self.values:
+            table[source] = target
+        return table

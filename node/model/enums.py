@@ -27,6 +27,14 @@ class ModelKind(enum.StrEnum):
 
     ONNX = "onnx"  # a network run by the configured engine
     BUILTIN = "builtin"  # a rule-based algorithm shipped in the node's code
+    PARTS = "parts"  # several networks ([[parts]]), each run by the configured engine, combined into one label map
+
+
+class PartsCombine(enum.StrEnum):
+    """``[model] combine`` of a parts bundle: how its networks' outputs become one label map."""
+
+    OVERLAY = "overlay"  # each part on the whole volume; later parts' labels overwrite earlier ones (TotalSegmentator)
+    DEEPBET = "deepbet"  # a locator network's box, then the brain network inside it (node.infer.brain)
 
 
 class Activation(enum.StrEnum):

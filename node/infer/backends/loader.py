@@ -16,6 +16,7 @@ from node.errors import InferenceError
 from node.infer.backends.base import Backend, BackendSession, BackendSettings, LoadedEngine
 from node.infer.backends.registry import candidates
 from node.infer.engine import Engine
+from node.infer.parts import PartsEngine
 from node.model.bundle import Bundle
 from node.model.enums import EngineBackend
 
@@ -66,6 +67,11 @@ class EngineLoader:
         return self._sessions[name]
 
     def _make(self, bundle: Bundle) -> LoadedEngine:
+        if bundle.parts:  # one engine per part, each made (and cached) as any single network's
+            per_part = {part.name: self.get(part.bundle) for part in bundle.parts}
+            engines = {name: one.engine for name, one in per_part.items() if one.engine is not None}
+            return LoadedEngine(PartsEngine(bundle.name, engines),
+                                "; ".join(f"{name}: {one.description}" for name, one in per_part.items()))
         if bundle.model_file is None:
             return LoadedEngine(None, "built-in algorithm (CPU)")
         failed: list[tuple[Backend, InferenceError]] = []
