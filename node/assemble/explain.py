@@ -7,9 +7,11 @@ bundles that would run, and per destination which of their result objects it wou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from node.assemble.select import SeriesFacts, select_bundles
+from node.assemble.select import SeriesFacts, mr_facts, select_bundles
 from node.config import NodeConfig
 from node.model.bundle import Bundle
 from node.model.enums import ObjectKind
@@ -48,7 +50,10 @@ def produced_objects(cfg: NodeConfig) -> list[ObjectKind]:
     return kinds + ([ObjectKind.SC] if cfg.preview_sc else [])
 
 
-def explain_series(cfg: NodeConfig, bundles: list[Bundle], series: SeriesRecord) -> Explanation:
+def explain_series(cfg: NodeConfig, bundles: list[Bundle], series: SeriesRecord,
+                   paths: Sequence[Path] = ()) -> Explanation:
+    """Why each rule, bundle and destination does or does not apply; ``paths`` (the series' files) let an MR
+    series be judged by the bundles' ``[select.mr]`` header rules."""
     facts = SourceFacts.of(series)
     rule_lines = []
     for rule in cfg.rules:
@@ -60,7 +65,8 @@ def explain_series(cfg: NodeConfig, bundles: list[Bundle], series: SeriesRecord)
     if decision.ignored:
         return Explanation(series.series_uid, facts, rule_lines, decision.reason, [], [], [])
     chosen, reasons = select_bundles([b for b in bundles if decision.allows(b.name)],
-                                     SeriesFacts(series.modality, series.sop_class_uid, series.instance_count))
+                                     SeriesFacts(series.modality, series.sop_class_uid, series.instance_count,
+                                                 mr=mr_facts(paths) if paths else None))
     reasons += [f"{b.name}: not in the rule's bundles" for b in bundles if not decision.allows(b.name)]
     kinds = produced_objects(cfg)
     dest_lines = []

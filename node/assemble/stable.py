@@ -8,7 +8,8 @@ refusals, or at most ``REFUSED_HOLD_S``, instead of failing as "slices are missi
 
 The node's ``[[rules]]`` decide first (node.model.routing, first match wins): an ``ignore`` rule leaves
 the series alone with the rule named in its note; a ``segment`` rule may narrow the bundles and gives
-the jobs its priority. Then the bundles that apply in kind (modality, SOP class, slices) are queued.
+the jobs its priority. Then the bundles that apply in kind (modality, SOP class, slices; for an MR series and
+a bundle with ``[select.mr]`` rules, the MR header facts of one of its files) are queued.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import time
 
 from node.assemble.completeness import Completeness, Verdict
-from node.assemble.select import SeriesFacts, select_bundles
+from node.assemble.select import MrFacts, SeriesFacts, mr_facts, select_bundles
 from node.model.bundle import Bundle
 from node.model.records import SeriesRecord, SeriesState
 from node.model.routing import Rule, SourceFacts, first_rule
@@ -41,6 +42,12 @@ class Assembler:
         self.bundles = bundles
         self.rules = rules
         self.completeness = completeness
+
+    def _mr_facts(self, series: SeriesRecord) -> MrFacts | None:
+        """The MR header facts of an MR series when a bundle has ``[select.mr]`` rules (one file's header)."""
+        if series.modality != "MR" or not any(b.select.mr is not None for b in self.bundles):
+            return None
+        return mr_facts(self.index.instance_paths(series.series_uid))
 
     def poll(self, now: float | None = None) -> int:
         """Dispatch every settled series (with ``[completeness]``: every series the source's count says is
@@ -93,7 +100,7 @@ class Assembler:
             log.info("series %s (%s from %s) stable: queued qa job %d", series.series_uid, series.modality,
                      series.calling_ae or "?", job)
             return
-        facts = SeriesFacts(series.modality, series.sop_class_uid, series.instance_count)
+        facts = SeriesFacts(series.modality, series.sop_class_uid, series.instance_count, mr=self._mr_facts(series))
         chosen, reasons = select_bundles([b for b in self.bundles if decision.allows(b.name)], facts)
         reasons = [decision.reason, *reasons] if decision.rule is not None else reasons
         if not chosen:
