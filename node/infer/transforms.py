@@ -10,6 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from node.model.bundle import Postprocess, Preprocess
+from node.model.enums import IntensityScheme
 
 
 def model_grid_shape(shape: tuple[int, int, int], spacing: tuple[float, float, float],
@@ -56,8 +57,28 @@ def normalise(voxels: np.ndarray, pre: Preprocess) -> np.ndarray:
     return out
 
 
+def zscore(image: np.ndarray, nonzero_mask: bool) -> np.ndarray:
+    """nnU-Net's ZScoreNormalization of a float32 image, in place: over the whole image, or (use_mask_for_norm)
+    over the filled nonzero mask, leaving the rest as it is (0)."""
+    if not nonzero_mask:
+        mean, std = image.mean(), image.std()
+        image -= mean
+        image /= max(std, 1e-8)
+        return image
+    mask = ndimage.binary_fill_holes(image != 0)
+    inside = image[mask]
+    image[mask] = (inside - inside.mean()) / max(inside.std(), 1e-8)
+    return image
+
+
 def to_model_grid(voxels: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess) -> np.ndarray:
-    """Resample a native volume to the bundle's spacing, then normalise (on the smaller grid)."""
+    """Resample a native volume to the bundle's spacing, then normalise (on the smaller grid); a z-score
+    normalises first, with the native image's mean and standard deviation."""
+    if pre.normalisation is not IntensityScheme.FIXED:
+        image = zscore(voxels.astype(np.float32, copy=True), pre.normalisation is IntensityScheme.ZSCORE_NONZERO)
+        if pre.spacing_mm is None:
+            return image
+        return resample_linear(image, model_grid_shape(voxels.shape, spacing, pre.spacing_mm))
     if pre.spacing_mm is None:
         return normalise(voxels.astype(np.float32, copy=True), pre)
     image = resample_linear(voxels, model_grid_shape(voxels.shape, spacing, pre.spacing_mm))

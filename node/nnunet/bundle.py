@@ -5,10 +5,13 @@ reader, and only then renamed into place: a failed import leaves nothing half-wr
 
 The manifest reproduces nnU-Net's inference with the node's settings:
 
-- target spacing: the configuration's ``spacing`` (the node's axes are the image's (slice, row, column),
-  the order nnU-Net's SimpleITK reader gives; ``transpose_forward`` must be [0, 1, 2]);
+- target spacing: the configuration's ``spacing``, written in the image's own (slice, row, column) order (the
+  order nnU-Net's SimpleITK reader gives), and ``transpose`` = ``transpose_forward`` (the network's axes);
+- nnU-Net's own resampling (``resampling = "nnunet"``: crop to the nonzero box, spline order 3 in, order 1 back,
+  order 0 along a separate low-resolution axis; the orders from the plans' resampling kwargs);
 - CT normalisation: clip to the foreground's 0.5 and 99.5 percentiles, then (x − mean) / std, written as
-  ``clip``, ``offset = −mean``, ``scale = 1 / std``;
+  ``clip``, ``offset = −mean``, ``scale = 1 / std``; z-score per image (``normalisation = "zscore"``, or
+  ``"zscore-nonzero"`` with use_mask_for_norm);
 - the patch size, Gaussian-weighted sliding window at step 0.5 (``overlap = 0.5``), padding with 0 after
   normalisation as nnU-Net pads;
 - softmax + argmax (the folds' logits averaged inside the ONNX graph), the labels of dataset.json.
@@ -66,15 +69,33 @@ def _normalisation(plans: Plans, config: Configuration) -> tuple[tuple[float, fl
     return (-1e6, 1e6), 0.0, 1.0
 
 
+def _scheme(config: Configuration) -> str:
+    if config.normalisation is Normalisation.ZSCORE:
+        return "zscore-nonzero" if config.use_mask_for_norm else "zscore"
+    return "fixed"
+
+
+def _resampling_toml(config: Configuration) -> str:
+    r = config.resampling
+    force = "" if r.force_separate_z is None else f"force_separate_z = {str(r.force_separate_z).lower()}\n"
+    return (f"resampling = \"nnunet\"      # nnU-Net's resample_data_or_seg_to_shape, crop to nonzero\n"
+            f"resampling_order = [{r.order}, {r.order_z}]    # image: in-plane, along a separate low-resolution axis\n"
+            f"probabilities_order = [{r.probabilities_order}, {r.probabilities_order_z}]\n"
+            f"separate_z_anisotropy = {r.anisotropy_threshold!r}\n{force}")
+
+
 def manifest_text(name: str, plans: Plans, config: Configuration, labels: tuple[Label, ...], sha256: str,
                   folds: tuple[str, ...], mirrored: bool) -> str:
     clip, offset, scale = _normalisation(plans, config)
+    backward = sorted(range(3), key=lambda a: plans.transpose_forward[a])  # argsort: array axis -> network axis
+    spacing = tuple(config.spacing[backward[i]] for i in range(3))  # the image's own axis order
     modality = "CT" if config.normalisation is Normalisation.CT else plans.channel
     description = (f"nnU-Net v2 {plans.dataset_name} {config.name}, folds {', '.join(folds)}"
                    f"{', mirrored' if mirrored else ''} (imported)")
     return f"""# Imported by `dicom-seg-node bundles import-nnunet` from {plans.directory}.
-# nnU-Net's inference: spacing, CT normalisation (clip to the foreground 0.5/99.5 percentiles, then
-# (x - mean) / std = (clip(x) + offset) * scale), Gaussian sliding window at step 0.5, softmax + argmax.
+# nnU-Net's inference: transpose, crop to nonzero, normalisation (CT: clip to the foreground 0.5/99.5
+# percentiles, then (x - mean) / std = (clip(x) + offset) * scale; or z-score), nnU-Net's resampling,
+# Gaussian sliding window at step 0.5, softmax, order-1 resampling back, argmax.
 
 [bundle]
 name = {_q(name)}
@@ -94,8 +115,10 @@ modalities = [{_q(modality)}]
 min_slices = 1
 
 [preprocess]
-spacing_mm = {_floats(config.spacing)}
+spacing_mm = {_floats(spacing)}   # the image's (slice, row, column) order
+transpose = [{', '.join(map(str, plans.transpose_forward))}]     # nnU-Net's transpose_forward: the network's axes
 uneven_slices = "resample"
+{_resampling_toml(config)}normalisation = "{_scheme(config)}"
 clip = {_floats(clip)}
 offset = {offset!r}
 scale = {scale!r}

@@ -1,7 +1,7 @@
 """An nnU-Net v2 trained-model folder's ``plans.json`` and ``dataset.json`` as typed settings.
 
-Only what inference needs: the configuration's target spacing, patch size, normalisation and network,
-the transpose, the foreground intensity properties (CT normalisation) and the labels. Everything that
+Only what inference needs: the configuration's target spacing, patch size, normalisation, resampling and
+network, the transpose, the foreground intensity properties (CT normalisation) and the labels. Everything that
 the node cannot reproduce is refused here with a sentence naming the file and what was expected.
 """
 
@@ -14,15 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import BundleError
+from node.model.bundle import NnunetResampling
 
 CHECKPOINT = "checkpoint_final.pth"
 
 
 class Normalisation(enum.StrEnum):
-    """``normalization_schemes`` the node reproduces (node.infer.transforms.normalise: clip, offset, scale)."""
+    """``normalization_schemes`` the node reproduces (node.infer.transforms: normalise, zscore)."""
 
     CT = "CTNormalization"  # clip to the foreground's 0.5/99.5 percentiles, then (x - mean) / std
+    ZSCORE = "ZScoreNormalization"  # per image (x - mean) / std; inside the nonzero mask with use_mask_for_norm
     NONE = "NoNormalization"
+
+
+#: The resampling function the node reproduces (node.infer.resample_nnunet), for the image and the probabilities.
+RESAMPLING_FN = "resample_data_or_seg_to_shape"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class Configuration:
     spacing: tuple[float, float, float]  # mm, in the (transposed) array order the network sees
     patch: tuple[int, int, int]
     normalisation: Normalisation
+    use_mask_for_norm: bool  # z-score inside the nonzero mask
+    resampling: NnunetResampling  # resampling_fn_data_kwargs / resampling_fn_probabilities_kwargs
     network_class_name: str
     arch_kwargs: dict[str, Any]
     arch_kwargs_requires_import: tuple[str, ...]
@@ -136,9 +144,8 @@ def read_plans(directory: Path) -> Plans:
         raise BundleError(f"{dataset_path}: has {len(channels)} input channels {sorted(channels.values())}; "
                           "expected one (the node feeds one series to a network)")
     transpose = _triple(_require(plans, "transpose_forward", list, plans_path), "transpose_forward", plans_path, int)
-    if transpose != (0, 1, 2):
-        raise BundleError(f"{plans_path}: transpose_forward is {list(transpose)}; only [0, 1, 2] is supported "
-                          "(the node runs the network on the image's own axis order)")
+    if sorted(transpose) != [0, 1, 2]:
+        raise BundleError(f"{plans_path}: transpose_forward is {list(transpose)}; expected a permutation of [0, 1, 2]")
     return Plans(
         directory=directory,
         dataset_name=str(plans.get("dataset_name", directory.name)),
@@ -164,6 +171,36 @@ def _resolved(plans: Plans, name: str, seen: tuple[str, ...] = ()) -> dict[str, 
     return {**_resolved(plans, str(parent), (*seen, name)), **config}
 
 
+def _spline(config: dict[str, Any], key: str, name: str, where: Path) -> tuple[int, int, bool | None, float | None]:
+    """(order, order_z, force_separate_z, separate_z_anisotropy_threshold) of ``resampling_fn_<key>``."""
+    function = _require(config, f"resampling_fn_{key}", str, where)
+    if function != RESAMPLING_FN:
+        raise BundleError(f"{where}: configuration {name!r} resamples the {key} with {function!r}; the node reproduces "
+                          f"nnU-Net's default {RESAMPLING_FN!r} only")
+    kwargs = _require(config, f"resampling_fn_{key}_kwargs", dict, where)
+    known = {"is_seg", "order", "order_z", "force_separate_z", "separate_z_anisotropy_threshold"}
+    unknown = sorted(set(kwargs) - known)
+    order, order_z, force = kwargs.get("order", 3), kwargs.get("order_z", 0), kwargs.get("force_separate_z")
+    threshold = kwargs.get("separate_z_anisotropy_threshold")
+    if (unknown or kwargs.get("is_seg", False) or order not in (0, 1, 3) or order_z not in (0, 1)
+            or force not in (None, True, False) or not (threshold is None or isinstance(threshold, int | float))):
+        raise BundleError(f"{where}: configuration {name!r} has resampling_fn_{key}_kwargs {kwargs}; the node "
+                          "reproduces is_seg false, order 0, 1 or 3, order_z 0 or 1, force_separate_z null/true/false "
+                          "and a numeric separate_z_anisotropy_threshold")
+    return int(order), int(order_z), force, None if threshold is None else float(threshold)
+
+
+def _resampling(config: dict[str, Any], name: str, where: Path) -> NnunetResampling:
+    order, order_z, force, threshold = _spline(config, "data", name, where)
+    back, back_z, force_back, threshold_back = _spline(config, "probabilities", name, where)
+    if (force, threshold) != (force_back, threshold_back):
+        raise BundleError(f"{where}: configuration {name!r} separates the low-resolution axis differently for the data "
+                          f"({force}, {threshold}) and the probabilities ({force_back}, {threshold_back}); the node "
+                          "expects the same force_separate_z and separate_z_anisotropy_threshold for both")
+    return NnunetResampling(order=order, order_z=order_z, probabilities_order=back, probabilities_order_z=back_z,
+                            force_separate_z=force, anisotropy_threshold=3.0 if threshold is None else threshold)
+
+
 def _configuration(plans: Plans, name: str) -> Configuration:
     where = plans.directory / "plans.json"
     config = _resolved(plans, name)
@@ -176,15 +213,14 @@ def _configuration(plans: Plans, name: str) -> Configuration:
     if normalisation is Normalisation.CT and plans.intensity is None:
         raise BundleError(f"{where}: CTNormalization without foreground_intensity_properties_per_channel[\"0\"]; "
                           "expected the percentiles, mean and std nnU-Net's fingerprint records")
-    if any(_require(config, "use_mask_for_norm", list, where)):
-        raise BundleError(f"{where}: configuration {name!r} normalises inside a mask (use_mask_for_norm); "
-                          "expected false, as for CT")
     arch = _require(config, "architecture", dict, where)
     return Configuration(
         name=name,
         spacing=_triple(_require(config, "spacing", list, where), "spacing", where, float),
         patch=_triple(_require(config, "patch_size", list, where), "patch_size", where, int),
         normalisation=normalisation,
+        use_mask_for_norm=bool(any(_require(config, "use_mask_for_norm", list, where))),
+        resampling=_resampling(config, name, where),
         network_class_name=str(_require(arch, "network_class_name", str, where)),
         arch_kwargs=dict(_require(arch, "arch_kwargs", dict, where)),
         arch_kwargs_requires_import=tuple(arch.get("_kw_requires_import", ())),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.infer.backends.onnxrt import OnnxRuntimeEngine
+from node.infer.backends.onnxrt import OnnxRuntimeEngine, uses_memory_arena
 from node.infer.segment import segment_volume
 from node.model.bundle import Bundle
 from node.model.volume import Volume
@@ -30,7 +30,7 @@ class Agreement:
 def node_labels(volume: Volume, bundle: Bundle, threads: int = 0) -> tuple[np.ndarray, float]:
     assert bundle.model_file is not None
     engine = OnnxRuntimeEngine(bundle.model_file, input_name=bundle.input_name, output_name=bundle.output_name,
-                               threads=threads)
+                               threads=threads, memory_arena=uses_memory_arena(bundle))  # as the node's backend
     start = time.perf_counter()
     labels = segment_volume(volume, bundle, engine)
     return labels, time.perf_counter() - start

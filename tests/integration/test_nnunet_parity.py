@@ -7,13 +7,20 @@ anatomy (random weights would give argmax noise). The CT is the real 20-slice ab
 ../shared/data (512², 0.98 mm, 2 mm slices). Settings that match on both sides: fold 0, mirroring off
 (``use_mirroring=False``; imported without ``--mirror``), step 0.5, Gaussian weighting, target spacing,
 CT normalisation (clip to the plans' 0.5/99.5 percentiles, (x − mean) / std), softmax + argmax.
-The tiles and their Gaussian weights are nnU-Net's (node/infer/window.py). What differs: the node
-averages the tiles' softmax, nnU-Net their logits (in float16); and resampling (3d_fullres, 1.5 mm
-in-plane): nnU-Net order 3 for the image and order 1 for the logits, the node linear for both.
+The tiles and their Gaussian weights are nnU-Net's (node/infer/window.py); the importer writes
+``resampling = "nnunet"``, so the node also crops to the nonzero box, resamples the image with nnU-Net's
+order-3 spline and the (log-)probabilities back with order 1 (node/infer/resample_nnunet.py). What still
+differs: the node averages the tiles' softmax, nnU-Net their logits (in float16).
+
+The native-grid test runs on the CT with a 0-filled margin (a reduced field of view padded with 0, as a
+converted or cropped CT can be): nnU-Net crops to the nonzero box, and so must the node, or its tiles
+would fall elsewhere. It also makes that test about twice as fast. The resampled test runs on the CT as
+it is (air is −1024 HU there: the nonzero box is the whole volume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 from pathlib import Path
@@ -29,13 +36,18 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 CT = SHARED / "ct" / "totalseg-abdomen-20-j2k"
 HAVE_IMPORT_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("torch", "nnunetv2"))
 ITERATIONS = 300
-#: What the resampling difference may cost (measured: see the README's parity table).
-RESAMPLED_MIN_AGREEMENT = 0.99
-RESAMPLED_MIN_DICE = 0.85
+#: What the issue asks of parity, on the native grid and resampled alike.
+MIN_AGREEMENT = 0.995
+MIN_DICE = 0.99
+#: The field of view kept in the native-grid test (rows, columns); the rest is set to 0.
+FOV = (slice(150, 490), slice(50, 470))
 
 pytestmark = [
     pytest.mark.skipif(not CT.is_dir(), reason=f"real abdomen CT not found at {CT}"),
     pytest.mark.skipif(not HAVE_IMPORT_EXTRA, reason="torch/nnunetv2 (the [import] extra) not installed"),
+    # Training (first test's setup) and nnUNetPredictor on torch's CPU: ~3.5 min a test on 2 idle cores, more when
+    # the cores are shared.
+    pytest.mark.timeout(1200),
 ]
 
 
@@ -83,18 +95,27 @@ def _compare(volume: Volume, model: Path, bundle_dir: Path) -> Agreement:
     return result
 
 
+def _zero_margin(volume: Volume) -> Volume:
+    voxels = np.zeros_like(volume.voxels)
+    voxels[(slice(None), *FOV)] = volume.voxels[(slice(None), *FOV)]
+    return dataclasses.replace(volume, voxels=voxels)
+
+
 def test_on_the_native_grid_node_labels_equal_nnunet_predictor_labels(volume: Volume, trained: Path,
                                                                       tmp_path: Path) -> None:
-    """No resampling on either side (the plans' spacing is the CT's): the pipelines must agree."""
-    result = _compare(volume, trained, tmp_path / "bundle")
-    assert result.voxel_agreement >= 0.995
-    assert min(result.dice.values()) >= 0.99, result.dice
+    """No resampling on either side (the plans' spacing is the CT's), both crop to the nonzero box: the
+    pipelines must agree, and nothing may be labelled in the 0-filled margin."""
+    margin = _zero_margin(volume)
+    result = _compare(margin, trained, tmp_path / "bundle")
+    assert result.voxel_agreement >= MIN_AGREEMENT
+    assert min(result.dice.values()) >= MIN_DICE, result.dice
 
 
-def test_resampled_to_the_plans_spacing_agreement_stays_high(volume: Volume, trained: Path, tmp_path: Path) -> None:
-    """3d_fullres at 1.5 mm in-plane: nnU-Net resamples the image with order 3 and the logits with order 1,
-    the node linearly both ways (end voxel centres aligned): what that costs, measured and bounded."""
+def test_resampled_to_the_plans_spacing_node_labels_equal_nnunet_predictor_labels(volume: Volume, trained: Path,
+                                                                                  tmp_path: Path) -> None:
+    """3d_fullres at 1.5 mm in-plane: nnU-Net resamples the image with order 3 and the logits back with order 1,
+    and so does the node (resampling = "nnunet")."""
     model = _with_configuration(trained, "3d_fullres", tmp_path / "model")
     result = _compare(volume, model, tmp_path / "bundle")
-    assert result.voxel_agreement >= RESAMPLED_MIN_AGREEMENT
-    assert min(result.dice.values()) >= RESAMPLED_MIN_DICE, result.dice
+    assert result.voxel_agreement >= MIN_AGREEMENT
+    assert min(result.dice.values()) >= MIN_DICE, result.dice

@@ -19,7 +19,11 @@ import pytest
 
 from node.cli import main
 from node.errors import BundleError
-from node.nnunet.bundle import import_nnunet
+from node.infer.manifest import load_bundle
+from node.model.bundle import Bundle, NnunetResampling
+from node.model.enums import IntensityScheme, Resampling
+from node.nnunet.bundle import import_nnunet, manifest_text
+from node.nnunet.labels import coded_labels
 from node.nnunet.plans import read_plans
 from tests.harness.nnunet_tiny import FIXTURE, LABELS_CSV, make_model_folder
 
@@ -31,7 +35,7 @@ NODE = Path(__file__).resolve().parents[2] / "node"
 def _plans_only(tmp_path: Path, edit: dict[str, object] | None = None, config_edit: dict[str, object] | None = None,
                 ) -> Path:
     model = tmp_path / "model"
-    model.mkdir()
+    model.mkdir(parents=True)
     shutil.copy(FIXTURE / "dataset.json", model / "dataset.json")
     plans = json.loads((FIXTURE / "plans.json").read_text(encoding="utf-8"))
     plans.update(edit or {})
@@ -69,16 +73,83 @@ def test_plans_become_typed_settings() -> None:
 
 
 def test_unsupported_normalisation_is_refused(tmp_path: Path) -> None:
-    model = _plans_only(tmp_path, config_edit={"normalization_schemes": ["ZScoreNormalization"]})
+    model = _plans_only(tmp_path, config_edit={"normalization_schemes": ["RescaleTo01Normalization"]})
     with pytest.raises(BundleError, match=r"plans\.json: configuration '3d_fullres' normalises with "
-                                          r"\['ZScoreNormalization'\]; the importer supports"):
+                                          r"\['RescaleTo01Normalization'\]; the importer supports"):
         read_plans(model).configuration("3d_fullres")
 
 
-def test_a_transposed_plan_is_refused(tmp_path: Path) -> None:
-    model = _plans_only(tmp_path, edit={"transpose_forward": [2, 0, 1]})
-    with pytest.raises(BundleError, match=r"transpose_forward is \[2, 0, 1\]; only \[0, 1, 2\] is supported"):
-        read_plans(model)
+def _manifest(model: Path, configuration: str = "3d_fullres") -> str:
+    plans = read_plans(model)
+    labels = coded_labels(plans.labels, LABELS_CSV, model / "dataset.json")
+    return manifest_text("tiny", plans, plans.configuration(configuration), labels, "0" * 64, ("0",), False)
+
+
+def _bundle_from(text: str, tmp_path: Path) -> Bundle:
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir(exist_ok=True)
+    (bundle_dir / "manifest.toml").write_text(text, encoding="utf-8")
+    return load_bundle(bundle_dir)
+
+
+def test_the_manifest_asks_for_nnunets_resampling_with_the_plans_orders(tmp_path: Path) -> None:
+    pre = _bundle_from(_manifest(FIXTURE), tmp_path).preprocess
+    assert pre.resampling is Resampling.NNUNET and pre.normalisation is IntensityScheme.FIXED
+    assert pre.nnunet == NnunetResampling(order=3, order_z=0, probabilities_order=1, probabilities_order_z=0,
+                                          force_separate_z=None, anisotropy_threshold=3.0)
+    model = _plans_only(tmp_path, config_edit={
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 1, "order_z": 1, "force_separate_z": True},
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 0, "order_z": 0, "force_separate_z": True}})
+    pre = _bundle_from(_manifest(model), tmp_path).preprocess
+    assert pre.nnunet == NnunetResampling(order=1, order_z=1, probabilities_order=0, probabilities_order_z=0,
+                                          force_separate_z=True, anisotropy_threshold=3.0)
+
+
+def test_resampling_the_node_does_not_reproduce_is_refused_naming_it(tmp_path: Path) -> None:
+    model = _plans_only(tmp_path, config_edit={"resampling_fn_data": "resample_torch_fornnunet"})
+    with pytest.raises(BundleError, match=r"resamples the data with 'resample_torch_fornnunet'; the node reproduces "
+                                          r"nnU-Net's default 'resample_data_or_seg_to_shape' only"):
+        read_plans(model).configuration("3d_fullres")
+    model = _plans_only(tmp_path / "b", config_edit={
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 5, "order_z": 0, "force_separate_z": None}})
+    with pytest.raises(BundleError, match=r"resampling_fn_probabilities_kwargs .*'order': 5.*order 0, 1 or 3"):
+        read_plans(model).configuration("3d_fullres")
+
+
+def test_zscore_plans_become_a_zscore_manifest(tmp_path: Path) -> None:
+    model = _plans_only(tmp_path, config_edit={"normalization_schemes": ["ZScoreNormalization"],
+                                               "use_mask_for_norm": [True]})
+    pre = _bundle_from(_manifest(model), tmp_path).preprocess
+    assert pre.normalisation is IntensityScheme.ZSCORE_NONZERO
+    model = _plans_only(tmp_path / "b", config_edit={"normalization_schemes": ["ZScoreNormalization"]})
+    assert _bundle_from(_manifest(model), tmp_path).preprocess.normalisation is IntensityScheme.ZSCORE
+
+
+def test_a_transposed_plan_keeps_the_spacing_in_the_images_order(tmp_path: Path) -> None:
+    model = _plans_only(tmp_path, edit={"transpose_forward": [2, 0, 1], "transpose_backward": [1, 2, 0]},
+                        config_edit={"spacing": [0.8, 3.0, 1.5], "patch_size": [64, 16, 32]})
+    bundle = _bundle_from(_manifest(model), tmp_path)
+    # network axis j is the image's axis transpose[j]: 0.8 mm along the image's axis 2, 3.0 along 0, 1.5 along 1
+    assert bundle.preprocess.transpose == (2, 0, 1) and bundle.preprocess.spacing_mm == (3.0, 1.5, 0.8)
+    assert bundle.window.patch == (64, 16, 32)
+    with pytest.raises(BundleError, match=r"transpose_forward is \[2, 2, 1\]; expected a permutation"):
+        read_plans(_plans_only(tmp_path / "b", edit={"transpose_forward": [2, 2, 1]}))
+
+
+@pytest.mark.parametrize(("edit", "error"), [
+    ('resampling = "cubic"\n', r"resampling.* is 'cubic'; expected one of"),
+    ('resampling_order = [3, 0]\n', r"resampling_order.* is set but resampling is 'linear'"),
+    ('resampling = "nnunet"\nresampling_order = [2, 0]\n', r"resampling_order.* is \[2, 0\]; expected \[order, "),
+    ('transpose = [0, 0, 1]\n', r"transpose.* is \[0, 0, 1\]; expected a permutation of \[0, 1, 2\]"),
+    ('normalisation = "minmax"\n', r"normalisation.* is 'minmax'; expected one of"),
+])
+def test_bad_resampling_keys_in_a_manifest_are_refused(tmp_path: Path, edit: str, error: str) -> None:
+    text = _manifest(FIXTURE)
+    start = text.index("[preprocess]\n")
+    end = text.index("[window]")
+    lines = ['spacing_mm = [2.0, 1.5, 1.5]\n', edit]
+    with pytest.raises(BundleError, match=error):
+        _bundle_from(text[:start] + "[preprocess]\n" + "".join(lines) + "\n" + text[end:], tmp_path)
 
 
 def test_labels_without_a_code_are_refused_naming_them(tmp_path: Path) -> None:
@@ -166,7 +237,8 @@ def test_two_folds_import_as_one_ensemble_bundle_through_the_cli(tmp_path: Path,
     [bundle] = discover_bundles(engines)  # the node's own reader, sha256 verified
     assert sorted(p.name for p in engines.iterdir()) == ["tiny"]
     pre, win = bundle.preprocess, bundle.window
-    assert pre.spacing_mm == (2.0, 1.5, 1.5) and pre.clip == (-980.0, 1200.0)
+    assert pre.spacing_mm == (2.0, 1.5, 1.5) and pre.clip == (-980.0, 1200.0) and pre.transpose == (0, 1, 2)
+    assert pre.resampling is Resampling.NNUNET and pre.normalisation is IntensityScheme.FIXED
     assert pre.offset == -60.0 and pre.scale == pytest.approx(1 / 300.0)
     assert win.patch == (16, 64, 64) and win.overlap == 0.5 and win.pad_value == 0.0
     assert [(lb.value, lb.name, lb.type.value, lb.rt_roi_type) for lb in bundle.labels] == [

@@ -35,7 +35,7 @@ from node.infer.gpu.kernels import Kernels, Launcher, Normalisation, Shape, cuda
 from node.infer.transforms import model_grid_shape
 from node.infer.window import gaussian_weights, tile_grid
 from node.model.bundle import Preprocess, Window
-from node.model.enums import Activation
+from node.model.enums import Activation, IntensityScheme, Resampling
 
 FLOAT = 4  # bytes of a float32
 
@@ -168,6 +168,11 @@ class ResidentPipeline:
     def sliding_labels(self, voxels: np.ndarray, spacing: Sequence[float], pre: Preprocess,
                        window: Window) -> np.ndarray:
         """segment._sliding on the GPU: (D, H, W) uint8 labels on the volume's grid, before post-processing."""
+        if (pre.resampling is not Resampling.LINEAR or pre.normalisation is not IntensityScheme.FIXED
+                or pre.transpose != (0, 1, 2)):
+            raise InferenceError(f"the GPU-resident pipeline reproduces linear resampling with a fixed normalisation "
+                                 f"on the image's own axes; resampling {pre.resampling.value!r}, normalisation "
+                                 f"{pre.normalisation.value!r} and transpose {list(pre.transpose)} run on the CPU")
         engine, k = self.engine, self.kernels
         patch: Shape = tuple(window.patch)  # type: ignore[assignment]
         self._check_engine(patch)
@@ -176,7 +181,7 @@ class ResidentPipeline:
                                  f"needs the tile's own shape {patch}")
         native: Shape = voxels.shape
         image, model = self._model_image(voxels, spacing, pre, centred=False)  # to_model_grid: resample_linear
-        pad_value = (pre.clip[0] + pre.offset) * pre.scale  # segment._sliding's
+        pad_value = window.pad_value if window.pad_value is not None else (pre.clip[0] + pre.offset) * pre.scale
 
         corners = tile_corners(model, patch, window.overlap)
         corners_ptr = self._upload("corners", corners)
