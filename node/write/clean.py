@@ -32,7 +32,7 @@ import numpy as np
 
 from node.model.bundle import Bundle, ContourRule, Label
 from node.model.volume import Geometry
-from node.write.contours import Traced, trace_label_px
+from node.write.contours import Box, Outlines, Traced, finish, label_boxes, outline_label_px, structure_box
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class _Plan:
     drop: tuple[np.ndarray, ...]  # (slice, row, column) inside the outlines of parts to drop
     fill: tuple[np.ndarray, ...]  # (outline, slice, row, column) inside the outlines of holes to fill
     parts: int
+    outlines: Outlines  # as traced, before cleaning
 
     def apply(self, labels: np.ndarray) -> Cleaning:
         members = np.zeros(256, dtype=bool)
@@ -105,17 +106,25 @@ class _Plan:
                         int(np.count_nonzero(mine)) + int(np.count_nonzero(free)))
 
 
-def _plan(labels: np.ndarray, label: Label, rule: ContourRule, parent: int, pixel_mm2: float) -> _Plan:
-    """Trace one structure and find the pixels inside the outlines its rule drops or fills."""
-    traced = trace_label_px(labels, label.value, label.includes)
+def _plan(labels: np.ndarray, label: Label, rule: ContourRule, parent: int, pixel_mm2: float,
+          box: Box | None) -> _Plan:
+    """Trace one structure (within ``box``, which holds all of it) and find the pixels inside the outlines its
+    rule drops or fills."""
+    outlines = outline_label_px(labels, label.value, label.includes, box=box)
+    traced = finish(outlines)
     enclosed = (np.abs(traced.areas) + 0.5) * pixel_mm2  # the area inside each outline (see Contours.areas_px)
     outer = traced.areas > 0
     drop = np.flatnonzero(outer & (enclosed < rule.min_island_mm2))
     fill = np.flatnonzero(~outer & (enclosed < rule.min_hole_mm2) if rule.keep_holes else ~outer)
-    return _Plan(label, parent, inside_pixels(traced, drop)[1:], inside_pixels(traced, fill), len(drop))
+    return _Plan(label, parent, inside_pixels(traced, drop)[1:], inside_pixels(traced, fill), len(drop), outlines)
 
 
-def clean_labels(labels: np.ndarray, bundle: Bundle, geometry: Geometry) -> list[Cleaning]:
+#: The box of a structure that is not in the label volume: nothing to trace.
+_NOWHERE: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
+
+
+def clean_labels(labels: np.ndarray, bundle: Bundle, geometry: Geometry,
+                 outlines: dict[int, Outlines] | None = None) -> list[Cleaning]:
     """Clean ``labels`` (slices, rows, cols; uint8) in place by each label's rule; what changed, per label.
 
     Structures that include others are cleaned first, one after another (dropping a part of BODY drops
@@ -123,20 +132,36 @@ def clean_labels(labels: np.ndarray, bundle: Bundle, geometry: Geometry) -> list
     that releases the GIL), then changed one after another: none of them writes another's value or
     removes another's pixels (a part goes to the structure including it, a hole takes only background or
     that structure's pixels), so each one's outlines are the same whichever is changed first.
+
+    ``outlines``, when given, receives (by label value) the outlines traced here that are still those of the
+    cleaned labels, for the RTSTRUCT (node/write/rtstruct.py; the tracing is most of the cleaning's cost): a
+    structure that includes none changed nothing but itself, so its outlines hold when its own cleaning
+    changed nothing; those of a structure including others hold when the cleaning changed nothing at all.
     """
     _, dy, dx = geometry.spacing
     pixel_mm2 = abs(dy * dx)
     parents = {value: label.value for label in bundle.labels for value in label.includes}
+    # Each structure is traced within its bounding box. Cleaning never moves a structure's pixels outside the
+    # boxes found here: a dropped part goes to the structure including it (whose box holds it), a filled hole
+    # lies within the structure's own outline.
+    boxes = label_boxes(labels)
 
     def plan(label: Label) -> _Plan:
-        return _plan(labels, label, bundle.contours.rule(label), parents.get(label.value, 0), pixel_mm2)
+        return _plan(labels, label, bundle.contours.rule(label), parents.get(label.value, 0), pixel_mm2,
+                     structure_box(boxes, (label.value, *label.includes)) or _NOWHERE)
 
     done: dict[str, Cleaning] = {}
+    includers: list[_Plan] = []
     for label in sorted((lb for lb in bundle.labels if lb.includes), key=lambda lb: -len(lb.includes)):
-        done[label.name] = plan(label).apply(labels)
+        includers.append(plan(label))
+        done[label.name] = includers[-1].apply(labels)
     leaves = [label for label in bundle.labels if not label.includes]
     with ThreadPoolExecutor(max_workers=max(1, min(len(leaves), os.cpu_count() or 1))) as pool:
         plans = list(pool.map(plan, leaves))
     for leaf_plan in plans:
         done[leaf_plan.label.name] = leaf_plan.apply(labels)
+    if outlines is not None:
+        unchanged = not any(cleaning.pixels_changed for cleaning in done.values())
+        outlines.update({p.label.value: p.outlines for p in plans if not done[p.label.name].pixels_changed})
+        outlines.update({p.label.value: p.outlines for p in includers if unchanged})
     return [done[label.name] for label in bundle.labels]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from scipy.ndimage import find_objects
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, depth_first_order
 
@@ -161,35 +162,57 @@ class Traced(NamedTuple):
     areas: np.ndarray  # signed area of each traced outline in px²: > 0 outer contour, < 0 hole
 
 
-def _trace(slab: Callable[[int, int], np.ndarray], count: int, smooth: bool = False) -> Traced:
-    """Contours of a mask of ``count`` slices, ``slab(a, b)`` giving slices a..b-1 as booleans.
+class Outlines(NamedTuple):
+    """Traced outlines before smoothing and thinning (pixel coordinates): cycle after cycle, cycle ``i``'s points
+    from ``starts[i]``. Kept so that the cleaning's tracing serves the RTSTRUCT too (node/write/clean.py)."""
 
-    Returns the slice of each contour, start offsets (one extra at the end) and (n, 2) row/col
-    points, contour after contour, in slice order. Contours lie within one slice, so slabs of
-    SLAB_SLICES slices are traced one after another: the working memory (the padded slab, its
-    transitions, a dozen arrays per boundary edge) stays that of a slab, and a label volume never
-    has to become a whole boolean mask. The result is the same as for the whole stack at once:
-    cycles start at their first vertical edge in raster order within a slice either way.
-    The signed area is that of the traced outline (before smoothing): positive for an outer contour,
-    negative for a hole.
+    slices: np.ndarray  # the slice of each cycle
+    starts: np.ndarray  # where each cycle's points start
+    points: np.ndarray  # (n, 2) row/column, multiples of 0.5
+    twice_area: np.ndarray  # twice the signed shoelace area of each cycle (< 0 outer contour, > 0 hole)
+
+    def shifted(self, slices: int, rows: int, columns: int) -> Outlines:
+        return Outlines(self.slices + slices, self.starts, self.points + np.array([rows, columns], dtype=np.float64),
+                        self.twice_area)
+
+
+_NO_OUTLINES = Outlines(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty((0, 2)), np.empty(0))
+
+
+def _outlines(slab: Callable[[int, int], np.ndarray], count: int) -> Outlines:
+    """The outlines of a mask of ``count`` slices, ``slab(a, b)`` giving slices a..b-1 as booleans.
+
+    Contours lie within one slice, so slabs of SLAB_SLICES slices are traced one after another: the
+    working memory (the padded slab, its transitions, a dozen arrays per boundary edge) stays that of a
+    slab, and a label volume never has to become a whole boolean mask. The result is the same as for the
+    whole stack at once: cycles start at their first vertical edge in raster order within a slice either way.
     """
-    parts = [_trace_block(slab(a, min(a + SLAB_SLICES, count)), smooth) for a in range(0, count, SLAB_SLICES)]
+    parts = [_outline_block(slab(a, min(a + SLAB_SLICES, count))).shifted(a, 0, 0)
+             for a in range(0, count, SLAB_SLICES)]
     if not parts:
-        return _EMPTY
-    slices = np.concatenate([part[0] + a for part, a in zip(parts, range(0, count, SLAB_SLICES), strict=True)])
-    sizes = np.concatenate([np.diff(part[1]) for part in parts])
-    return Traced(slices, np.concatenate([[0], np.cumsum(sizes)]), np.concatenate([part[2] for part in parts]),
-                  np.concatenate([part[3] for part in parts]))
+        return _NO_OUTLINES
+    sizes = np.array([len(part.points) for part in parts])
+    firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return Outlines(np.concatenate([part.slices for part in parts]),
+                    np.concatenate([part.starts + first for part, first in zip(parts, firsts, strict=True)]),
+                    np.concatenate([part.points for part in parts]),
+                    np.concatenate([part.twice_area for part in parts]))
+
+
+def _trace(slab: Callable[[int, int], np.ndarray], count: int, smooth: bool = False) -> Traced:
+    """Contours of a mask of ``count`` slices, ``slab(a, b)`` giving slices a..b-1 as booleans (see
+    :func:`_outlines` and :func:`finish`)."""
+    return finish(_outlines(slab, count), smooth)
 
 
 _EMPTY = Traced(np.empty(0, dtype=np.int64), np.zeros(1, dtype=np.int64), np.empty((0, 2)), np.empty(0))
 
 
-def _trace_block(mask: np.ndarray, smooth: bool = False) -> Traced:
-    """:func:`_trace` of one (slices, rows, cols) boolean block, all at once."""
+def _outline_block(mask: np.ndarray) -> Outlines:
+    """The outlines of one (slices, rows, cols) boolean block, all at once."""
     layers = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
     if layers.size == 0:
-        return _EMPTY
+        return _NO_OUTLINES
     k0 = layers[0]
     footprint = np.asarray(mask[k0 : layers[-1] + 1].any(axis=0))  # rows × columns
     occupied, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
@@ -198,13 +221,23 @@ def _trace_block(mask: np.ndarray, smooth: bool = False) -> Traced:
     slices, start, end, direction, mid = _boundary_edges(crop)
     order, starts = _cycles(_link(start, end, direction))
     points = mid[order] + np.array([r0, c0], dtype=np.float64)
-    contour_slice = slices[order[starts]] + k0
-    cycle, after, before = _next_in_cycle(starts, len(points))
+    cycle, after, _ = _next_in_cycle(starts, len(points))
     # Shoelace area of the traced outline (exact: coordinates are multiples of 0.5), signed: the inside
     # is on the right of every edge, so outer contours (negative here, rows pointing down) and holes
     # have opposite signs.
     r, c = points[:, 0], points[:, 1]
     twice_area = np.bincount(cycle, r * c[after] - c * r[after], minlength=len(starts))
+    return Outlines(slices[order[starts]] + k0, starts, points, twice_area)
+
+
+def finish(outlines: Outlines, smooth: bool = False) -> Traced:
+    """The contours of ``outlines``: smoothed when asked (node/write/smoothing.py), collinear points dropped,
+    degenerate contours dropped, in slice order. The signed area is that of the traced outline (before
+    smoothing): positive for an outer contour, negative for a hole."""
+    contour_slice, starts, points, twice_area = outlines
+    if len(starts) == 0:
+        return _EMPTY
+    cycle, after, before = _next_in_cycle(starts, len(points))
     if smooth:
         points = smoothed(points, after, before)
 
@@ -285,20 +318,55 @@ def trace_mask(mask: np.ndarray, geometry: Geometry, *, smooth: bool = False) ->
     return _in_patient_space(_trace(lambda a, b: mask[a:b], len(mask), smooth), geometry)
 
 
-def trace_label_px(labels: np.ndarray, value: int, includes: tuple[int, ...] = (), *, smooth: bool = False) -> Traced:
-    """Contours of ``labels == value`` (or any of ``value, *includes``) in pixel coordinates, without making
-    that whole mask."""
+#: A box of a label volume: (slices, rows, columns) ranges; see :func:`label_boxes`.
+Box = tuple[slice, slice, slice]
+
+
+def label_boxes(labels: np.ndarray) -> dict[int, Box]:
+    """The bounding box of each label value present in ``labels`` (one pass over the volume, scipy's
+    ``find_objects``). Tracing a structure within its box instead of the whole volume is what keeps a
+    result of a hundred organs fast: comparing every voxel once per structure cost more than the tracing."""
+    found = find_objects(labels)
+    return {value: (box[0], box[1], box[2]) for value, box in enumerate(found, start=1) if box is not None}
+
+
+def structure_box(boxes: dict[int, Box], values: tuple[int, ...]) -> Box | None:
+    """The box holding every label of ``values`` (a structure and the labels it includes); None: none present."""
+    present = [boxes[v] for v in values if v in boxes]
+    if not present:
+        return None
+    return (slice(min(b[0].start for b in present), max(b[0].stop for b in present)),
+            slice(min(b[1].start for b in present), max(b[1].stop for b in present)),
+            slice(min(b[2].start for b in present), max(b[2].stop for b in present)))
+
+
+def outline_label_px(labels: np.ndarray, value: int, includes: tuple[int, ...] = (), *,
+                     box: Box | None = None) -> Outlines:
+    """The outlines of ``labels == value`` (or any of ``value, *includes``), without making that whole mask; only
+    within ``box`` when given (which must hold every pixel of the structure)."""
+    if box is not None:
+        return outline_label_px(labels[box], value, includes).shifted(box[0].start, box[1].start, box[2].start)
     if includes:
         lut = np.zeros(256, dtype=bool)
         lut[[value, *includes]] = True
-        return _trace(lambda a, b: lut[labels[a:b]], len(labels), smooth)
-    return _trace(lambda a, b: labels[a:b] == value, len(labels), smooth)
+        return _outlines(lambda a, b: lut[labels[a:b]], len(labels))
+    return _outlines(lambda a, b: labels[a:b] == value, len(labels))
+
+
+def trace_label_px(labels: np.ndarray, value: int, includes: tuple[int, ...] = (), *, smooth: bool = False,
+                   box: Box | None = None) -> Traced:
+    """Contours of ``labels == value`` (or any of ``value, *includes``) in pixel coordinates (see
+    :func:`outline_label_px`)."""
+    return finish(outline_label_px(labels, value, includes, box=box), smooth)
 
 
 def trace_label(labels: np.ndarray, value: int, geometry: Geometry, includes: tuple[int, ...] = (), *,
-                smooth: bool = False) -> Contours:
-    """:func:`trace_mask` of ``labels == value`` (or any of ``value, *includes``), without making that whole mask."""
-    return _in_patient_space(trace_label_px(labels, value, includes, smooth=smooth), geometry)
+                smooth: bool = False, box: Box | None = None, outlines: Outlines | None = None) -> Contours:
+    """:func:`trace_mask` of ``labels == value`` (or any of ``value, *includes``), without making that whole mask;
+    only within ``box`` when given; from ``outlines`` when given (the structure's, already traced)."""
+    if outlines is None:
+        outlines = outline_label_px(labels, value, includes, box=box)
+    return _in_patient_space(finish(outlines, smooth), geometry)
 
 
 def _in_patient_space(traced: Traced, geometry: Geometry) -> Contours:

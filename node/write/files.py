@@ -31,6 +31,10 @@ class WrittenObject:
     sop_class_uid: str
     #: An RTSTRUCT's check of its contours, per ROI (node/write/contour_check.py); empty for other objects.
     contour_checks: tuple[RoiCheck, ...] = ()
+    #: The structure selection it was written for (None: every structure; node/config_output.py), and whether that
+    #: is the site's selection, which destinations without their own ``structures`` get.
+    structures: tuple[str, ...] | None = None
+    site: bool = True
 
 
 _PIXEL_DATA = 0x7FE00010
@@ -89,6 +93,8 @@ def write_results(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     objects: list[WrittenObject] = []
+    if write_seg:
+        _ = result.boxes  # the structures' boxes: found once here, before both writers use them
     with ThreadPoolExecutor(max_workers=1) as pool:
         seg_future = pool.submit(_write_seg, result, out_dir, seg_type) if write_seg else None
         if write_rtstruct:

@@ -24,7 +24,7 @@ from node.errors import WriteError
 from node.model.bundle import Bundle, ContourSmoothing, Label
 from node.model.enums import ObjectKind
 from node.model.volume import Volume
-from node.write.contours import Contours, trace_label
+from node.write.contours import Contours, structure_box, trace_label
 from node.write.decimal_text import fixed3_groups
 from node.write.encoding import Encoder, raw_sequence
 from node.write.provenance import MANUFACTURER, Provenance
@@ -94,7 +94,7 @@ def _frame_of_reference(source: Dataset) -> str:
     return frame_uid
 
 
-def _structure_set(ds: Dataset, volume: Volume, found: list[Label], bundle: Bundle, prov: Provenance,
+def _structure_set(ds: Dataset, volume: Volume, found: list[str], bundle: Bundle, prov: Provenance,
                    implicit: bool) -> str:
     source = volume.headers[0]
     frame_uid = _frame_of_reference(source)
@@ -118,11 +118,11 @@ def _structure_set(ds: Dataset, volume: Volume, found: list[Label], bundle: Bund
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
 
     rois = []
-    for number, label in enumerate(found, start=1):
+    for number, name in enumerate(found, start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_uid
-        roi.ROIName = label.name
+        roi.ROIName = name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         roi.ROIGenerationDescription = f"{bundle.algorithm_name} {bundle.version}"[:64]
         rois.append(roi)
@@ -140,10 +140,14 @@ def trace_contours(result: Result) -> list[Contours]:
     """The contours of each found structure (in ``result.found`` order), in patient coordinates, smoothed
     where the structure's contour rule says so."""
     labels, geometry, found, rules = result.labels, result.volume.geometry, result.found, result.bundle.contours
+    # each structure is traced within its box (a hundred organs stay fast), or not at all when the cleaning did
+    boxes = result.boxes if any(label.value not in result.outlines for label in found) else {}
 
     def trace(label: Label) -> Contours:
         smooth = rules.rule(label).smoothing is ContourSmoothing.HALF_PIXEL
-        return trace_label(labels, label.value, geometry, label.includes, smooth=smooth)
+        return trace_label(labels, label.value, geometry, label.includes, smooth=smooth,
+                           box=structure_box(boxes, (label.value, *label.includes)),
+                           outlines=result.outlines.get(label.value))
 
     # Contour tracing is numpy work that releases the GIL: one thread per structure uses every core.
     with ThreadPoolExecutor(max_workers=min(len(found), os.cpu_count() or 1)) as pool:
@@ -194,13 +198,13 @@ def _roi_contours(ds: Dataset, volume: Volume, traced: list[Contours], texts: li
     ds[0x30060039] = raw_sequence(0x30060039, rois, implicit=implicit)
 
 
-def _observations(ds: Dataset, found: list[Label]) -> None:
+def _observations(ds: Dataset, found: list[Label], names: list[str]) -> None:
     items = []
-    for number, label in enumerate(found, start=1):
+    for number, (label, name) in enumerate(zip(found, names, strict=True), start=1):
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
-        obs.ROIObservationLabel = label.name[:16]
+        obs.ROIObservationLabel = name[:16]
         obs.RTROIInterpretedType = label.rt_roi_type
         obs.ROIInterpreter = ""
         items.append(obs)
@@ -228,11 +232,12 @@ def build_rtstruct(result: Result, traced: list[Contours] | None = None) -> Data
     traced = trace_contours(result) if traced is None else traced
     texts = [_contour_texts(contours) for contours in traced]
     implicit = max((len(t) for roi in texts for t in roi), default=0) > MAX_EXPLICIT_LENGTH
-    _structure_set(ds, volume, found, bundle, provenance, implicit)
+    names = [result.roi_name(label) for label in found]  # the site's renames ([output.roi_names])
+    _structure_set(ds, volume, names, bundle, provenance, implicit)
     _roi_contours(ds, volume, traced, texts, found, implicit)
     if implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    _observations(ds, found)
+    _observations(ds, found, names)
     ds.ApprovalStatus = "UNAPPROVED"
     # Written in this encoding: pydicom then copies the pre-encoded ROIContourSequence as it is.
     ds.set_original_encoding(implicit, True, ds._character_set)

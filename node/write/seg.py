@@ -1,9 +1,14 @@
 """DICOM-SEG (BINARY or LABELMAP) with highdicom: one object per job holding every structure found.
 
-Empty frames are kept (``omit_empty_frames=False``): each source slice has its frame in every
-segment, so viewers that index frames by source slice (OHIF has shifted overlays when frames were
-omitted) place the overlay on the right slice. The cost is size, which bit-packing keeps small
-(a 512×512 frame is 32 KiB).
+A BINARY SEG of more than OMIT_EMPTY_FRAMES_ABOVE segments keeps only its non-empty frames (highdicom's
+``omit_empty_frames``, issue 12): a segment has a frame on each slice it lies on. With a hundred organs on a
+300-slice CT, keeping every frame would write 35,100 frames (1.1 GiB) for the ~5,000 that hold anything.
+Each frame names its source image (DerivationImageSequence) and its plane position, which is how readers
+(highdicom, OHIF 3, 3D Slicer, the node's own reader) place it; the position dimension index counts the
+planes kept, as highdicom writes it. A SEG of a few segments (and every LABELMAP, one frame per slice)
+keeps every frame: each source slice has its frame in every segment, so viewers that index frames by
+source slice (older OHIF shifted overlays when frames were omitted) place the overlay on the right slice,
+at a cost in size that bit-packing keeps small (a 512×512 frame is 32 KiB).
 
 How it stays fast (issue 5: SEG + RTSTRUCT of a 512×512×300 CT in under 2 s): highdicom builds the
 object for the first two slices only — a template holding every module that does not grow with the
@@ -41,14 +46,25 @@ from node.model.enums import ObjectKind, SegType
 from node.write.encoding import Encoder, pydicom_bytes, raw_sequence
 from node.write.provenance import MANUFACTURER
 from node.write.result import Result
+from node.write.seg_frames import Frames, plan_frames
+from node.write.seg_frames import pixel_data as _pixel_data  # a module name the tests can patch
 from node.write.series import result_series
 
 log = logging.getLogger(__name__)
 
+
+def _not_the_template_warning(record: logging.LogRecord) -> bool:
+    """highdicom warns when the template's two slices hold nothing (then it keeps their frames, as this module
+    does); that is the common case for a template and says nothing about the SEG written."""
+    return not record.getMessage().startswith('Encoding an empty image with "omit_empty_frames"')
+
+
+logging.getLogger("highdicom.image").addFilter(_not_the_template_warning)
+
+#: A BINARY SEG of more segments than this keeps only its non-empty frames (fewer: every frame; see above).
+OMIT_EMPTY_FRAMES_ABOVE = 8
 #: Source slices highdicom builds the template from (two, so that it sees a stack, not a single plane).
 TEMPLATE_SLICES = 2
-#: Frames bit-packed per numpy call (a multiple of 8, so every chunk ends on a byte boundary).
-PACK_CHUNK_FRAMES = 32
 
 _SOURCE_IMAGES = 0x00082112
 _REFERENCED_SERIES = 0x00081115
@@ -83,6 +99,9 @@ def _descriptions(result: Result) -> tuple[list[hd.seg.SegmentDescription], np.n
                 display_color=hd.color.CIELabColor.from_rgb(*label.color_rgb),
             )
         )
+        if label.type_modifier is not None:  # laterality: Kidney + Left (PS3.3 C.8.20.4, inside the type's item)
+            descriptions[-1].SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                _concept(label.type_modifier)]
     # Segment numbers are 1..n in manifest order; when the label values already are, skip the remap.
     identity = all(label.value == number for number, label in enumerate(found, start=1)) and \
         int(labels.max()) <= len(found)
@@ -111,6 +130,11 @@ def _highdicom_pixels(segments: np.ndarray, members: dict[int, tuple[int, ...]],
     return stack
 
 
+def omits_empty_frames(seg_type: SegType, segments: int) -> bool:
+    """Whether a SEG of ``seg_type`` with ``segments`` segments keeps only its non-empty frames."""
+    return seg_type is not SegType.LABELMAP and segments > OMIT_EMPTY_FRAMES_ABOVE
+
+
 def _highdicom_seg(result: Result, source_images: Sequence[Dataset], segments: np.ndarray,
                    descriptions: list[hd.seg.SegmentDescription], seg_type: SegType) -> hd.seg.Segmentation:
     bundle, uids, provenance = result.bundle, result.uids, result.provenance
@@ -133,7 +157,7 @@ def _highdicom_seg(result: Result, source_images: Sequence[Dataset], segments: n
             content_label="AUTOSEG",
             series_description=series.description,
             content_creator_name=_creator(provenance.station_name),
-            omit_empty_frames=False,
+            omit_empty_frames=omits_empty_frames(seg_type, len(descriptions)),
             content_date=provenance.created.date(),
             content_time=provenance.created.time(),
         )
@@ -209,10 +233,13 @@ class _FrameEncoder:
         # highdicom moves the segment identification of a single segment to the shared groups
         self.identify_segment = 0x0062000A in first
 
-    def items(self, headers: Sequence[Dataset], order: np.ndarray, segment_numbers: list[int] | None) -> list[bytes]:
+    def items(self, headers: Sequence[Dataset], frames: Frames, segment_numbers: list[int] | None) -> list[bytes]:
         enc = self.enc
-        derived = [
-            enc.sequence(0x00089124, [
+        derived: dict[int, bytes] = {}
+        placed: dict[int, bytes] = {}
+        for k in frames.kept_slices.tolist():
+            h = headers[k]
+            derived[k] = enc.sequence(0x00089124, [
                 enc.sequence(_SOURCE_IMAGES, [
                     enc.element(0x00081150, b"UI", _uid(h.SOPClassUID))
                     + enc.element(0x00081155, b"UI", _uid(h.SOPInstanceUID))
@@ -220,21 +247,18 @@ class _FrameEncoder:
                 ])
                 + self.derivation_code
             ])
-            for h in headers
-        ]
-        placed = [enc.sequence(0x00209113, [enc.element(0x00200032, b"DS", _ds_text(h.ImagePositionPatient))])
-                  for h in headers]
-        slices = [int(k) for k in order]
-        if segment_numbers is None:  # LABELMAP: one frame per position
+            placed[k] = enc.sequence(0x00209113, [enc.element(0x00200032, b"DS", _ds_text(h.ImagePositionPatient))])
+        if segment_numbers is None:  # LABELMAP: one frame per kept position
             return [derived[k] + self._content(struct.pack("<I", dim)) + placed[k]
-                    for dim, k in enumerate(slices, start=1)]
-        items = []
-        for index, number in enumerate(segment_numbers, start=1):
-            identification = (enc.sequence(0x0062000A, [enc.element(0x0062000B, b"US", struct.pack("<H", number))])
-                              if self.identify_segment else b"")
-            items += [derived[k] + self._content(struct.pack("<II", index, dim)) + placed[k] + identification
-                      for dim, k in enumerate(slices, start=1)]
-        return items
+                    for dim, k in zip(frames.dimension.tolist(), frames.slices.tolist(), strict=True)]
+        identification = {
+            index: enc.sequence(0x0062000A, [enc.element(0x0062000B, b"US", struct.pack("<H", number))])
+            if self.identify_segment else b""
+            for index, number in enumerate(segment_numbers, start=1)
+        }
+        return [derived[k] + self._content(struct.pack("<II", index, dim)) + placed[k] + identification[index]
+                for index, dim, k in zip(frames.segment_index.tolist(), frames.dimension.tolist(),
+                                         frames.slices.tolist(), strict=True)]
 
     def _content(self, dimension_index_values: bytes) -> bytes:
         return self.enc.sequence(0x00209111, [self.enc.element(0x00209157, b"UL", dimension_index_values)])
@@ -255,41 +279,9 @@ def _references(headers: Sequence[Dataset]) -> tuple[list[bytes], list[bytes]]:
     return images, series
 
 
-def _pixel_data(segments: np.ndarray, order: np.ndarray, segment_numbers: list[int] | None, bits: int,
-                members: dict[int, tuple[int, ...]] | None = None) -> bytes:
-    """Frames in the order of the per-frame items: segment-major bit-packed masks (BINARY) or labels (LABELMAP).
-
-    ``members`` maps a segment number to the label values that make up its mask (default: itself)."""
-    if segment_numbers is None:
-        dtype = np.uint8 if bits == 8 else np.uint16
-        data = np.ascontiguousarray(segments[order], dtype=dtype).tobytes()
-    else:
-        rows, cols = segments.shape[1:]
-        frames = [(number, int(k)) for number in segment_numbers for k in order]
-        packed = np.empty((len(frames) * rows * cols + 7) // 8, dtype=np.uint8)
-        step = PACK_CHUNK_FRAMES * rows * cols // 8
-        for n, start in enumerate(range(0, len(frames), PACK_CHUNK_FRAMES)):
-            chunk = frames[start : start + PACK_CHUNK_FRAMES]
-            masks = np.empty((len(chunk), rows, cols), dtype=bool)
-            for number in dict.fromkeys(number for number, _ in chunk):  # one comparison per segment in the chunk
-                at = [i for i, (m, _) in enumerate(chunk) if m == number]
-                slices = [chunk[i][1] for i in at]
-                group = members.get(number, (number,)) if members else (number,)
-                if len(group) == 1:
-                    np.equal(segments[slices], number, out=masks[at[0] : at[-1] + 1])
-                else:
-                    lut = np.zeros(max(256, int(segments.max()) + 1), dtype=bool)
-                    lut[list(group)] = True
-                    masks[at[0] : at[-1] + 1] = lut[segments[slices]]
-            bits_out = np.packbits(masks, bitorder="little")
-            packed[n * step : n * step + len(bits_out)] = bits_out
-        data = packed.tobytes()
-    # highdicom pads an odd length with an ASCII "0" (pydicom would otherwise add a NUL)
-    return data + b"0" if len(data) % 2 else data
-
-
-def _spatial_fixups(seg: Dataset, headers: Sequence[Dataset], frames_per_position: bool) -> None:
-    """SpacingBetweenSlices and DimensionOrganizationType as highdicom infers them from every position."""
+def _spatial_fixups(seg: Dataset, headers: Sequence[Dataset], frames_per_position: bool, kept: np.ndarray) -> None:
+    """SpacingBetweenSlices (from every position) and DimensionOrganizationType (from the positions of the planes
+    ``kept``, in source order) as highdicom infers them."""
     shared = seg.SharedFunctionalGroupsSequence[0]
     orientation = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
     positions = _positions(headers)
@@ -302,8 +294,9 @@ def _spatial_fixups(seg: Dataset, headers: Sequence[Dataset], frames_per_positio
         else:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
     three_d = False
-    if len(headers) > 1 and frames_per_position:
-        spacing, _ = get_volume_positions(image_positions=positions.tolist(), image_orientation=orientation, sort=False)
+    if len(kept) > 1 and frames_per_position:
+        spacing, _ = get_volume_positions(image_positions=positions[kept].tolist(), image_orientation=orientation,
+                                          sort=False)
         three_d = spacing is not None and spacing > 0.0
     if three_d:
         seg.DimensionOrganizationType = "3D"
@@ -350,26 +343,32 @@ def build_seg(result: Result, *, seg_type: SegType = SegType.BINARY) -> Dataset:
     try:
         frames = _FrameEncoder(template)
         sub = headers[:TEMPLATE_SLICES]
-        sub_order = plane_order(sub, orientation)
-        _check("PerFrameFunctionalGroupsSequence", _sequence_bytes(_PER_FRAME, frames.items(sub, sub_order, numbers)),
+        omit = omits_empty_frames(seg_type, len(descriptions))
+        sub_frames, sub_boxes = plan_frames(segments[:TEMPLATE_SLICES], plane_order(sub, orientation), numbers,
+                                            members, omit=omit)
+        _check("PerFrameFunctionalGroupsSequence", _sequence_bytes(_PER_FRAME, frames.items(sub, sub_frames, numbers)),
                pydicom_bytes(template[_PER_FRAME]))
         images, series = _references(sub)
         _check("SourceImageSequence", _sequence_bytes(_SOURCE_IMAGES, images), pydicom_bytes(template[_SOURCE_IMAGES]))
         _check("ReferencedSeriesSequence", _sequence_bytes(_REFERENCED_SERIES, series),
                pydicom_bytes(template[_REFERENCED_SERIES]))
-        _check("PixelData", _pixel_data(segments[:TEMPLATE_SLICES], sub_order, numbers, bits, members),
+        _check("PixelData", _pixel_data(segments[:TEMPLATE_SLICES], sub_frames, numbers, bits, sub_boxes, members),
                template.PixelData)
     except (_Mismatch, AttributeError, KeyError, IndexError) as exc:
         log.warning("SEG fast path not taken (%s); highdicom builds all %d frames", exc, len(headers))
         return build_seg_highdicom(result, seg_type=seg_type)
 
-    order = plane_order(headers, orientation)
+    # the labels' boxes (found once for both writers) as boxes of the segment numbers
+    boxes = {number: result.boxes[label.value] for number, label in enumerate(result.found, start=1)
+             if label.value in result.boxes}
+    planned, boxes = plan_frames(segments, plane_order(headers, orientation), numbers, members, boxes, omit=omit)
     seg = Dataset(template)  # a plain Dataset: highdicom's frame look-up tables describe the template only
     seg.file_meta = template.file_meta
     seg.preamble = template.preamble
     del seg[_PER_FRAME], seg[_SOURCE_IMAGES], seg[_REFERENCED_SERIES], seg[_PIXEL_DATA]
-    _spatial_fixups(seg, headers, frames_per_position=not binary or len(descriptions) == 1)
-    seg.NumberOfFrames = len(order) * (len(numbers) if numbers else 1)
+    _spatial_fixups(seg, headers, frames_per_position=not binary or len(descriptions) == 1,
+                    kept=planned.kept_slices)
+    seg.NumberOfFrames = len(planned)
     _finish(seg, result)
     correct_ambiguous_vr(seg, True)
     # Written in this encoding: pydicom then copies the pre-encoded sequences as they are.
@@ -377,9 +376,9 @@ def build_seg(result: Result, *, seg_type: SegType = SegType.BINARY) -> Dataset:
     images, series = _references(headers)
     seg[_SOURCE_IMAGES] = raw_sequence(_SOURCE_IMAGES, images, defined_length=True)
     seg[_REFERENCED_SERIES] = raw_sequence(_REFERENCED_SERIES, series, defined_length=True)
-    seg[_PER_FRAME] = raw_sequence(_PER_FRAME, frames.items(headers, order, numbers), defined_length=True)
+    seg[_PER_FRAME] = raw_sequence(_PER_FRAME, frames.items(headers, planned, numbers), defined_length=True)
     seg[_PIXEL_DATA] = DataElement(_PIXEL_DATA, "OB" if bits <= 8 else "OW",
-                                   _pixel_data(segments, order, numbers, bits, members))
+                                   _pixel_data(segments, planned, numbers, bits, boxes, members))
     return seg
 
 

@@ -336,3 +336,27 @@ def test_overlapping_structures_body_includes_the_lungs(tmp_path: Path, name: st
     if not tool_missing_reason("dciodvfy"):
         for path in (seg_path, rt_path):
             assert dciodvfy(path).ok
+
+
+def test_seg_carries_a_labels_type_modifier_and_rtstruct_its_roi_name(tmp_path: Path) -> None:
+    """Laterality as TotalSegmentator codes it (Kidney + Left): the modifier sits inside the segment's type item,
+    dciodvfy-clean; the RTSTRUCT names the ROI by ``roi_name`` while the SEG keeps ``name``."""
+    volume, labels = _case(tmp_path, ORIENTATIONS[sorted(ORIENTATIONS)[0]])
+    left = Code("SCT", "7771000", "Left")
+    bundle = dataclasses.replace(BUNDLE, labels=(dataclasses.replace(
+        BUNDLE.labels[0], name="kidney_left", roi_name="Kidney_L", type=Code("SCT", "64033007", "Kidney"),
+        type_modifier=left, rt_roi_type="ORGAN"),))
+    uids = ResultUids.for_job(job_key(str(volume.headers[0].SeriesInstanceUID), bundle.id, volume.sop_instance_uids))
+    result = Result.of(volume, labels, bundle, uids, PROV)
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(_save(build_seg(result, seg_type=SegType.BINARY)))
+    segment = dcmread(path).SegmentSequence[0]
+    assert segment.SegmentLabel == "kidney_left"
+    modifier = segment.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+    assert (modifier.CodeValue, modifier.CodingSchemeDesignator, modifier.CodeMeaning) == ("7771000", "SCT", "Left")
+    assert hd.seg.segread(path).get_segment_description(1).segmented_property_type.value == "64033007"
+    if not tool_missing_reason("dciodvfy"):
+        report = dciodvfy(path)
+        assert report.ok, report.errors
+    rtstruct = build_rtstruct(result)
+    assert [roi.ROIName for roi in rtstruct.StructureSetROISequence] == ["Kidney_L"]
