@@ -42,6 +42,14 @@ def tile_grid(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: floa
     return list(itertools.product(*starts))  # type: ignore[arg-type]
 
 
+def tiles_per_batch(engine: Engine, batch: int) -> int:
+    """How many tiles go to ``engine`` at once: the engine's own batch when it has one (a TensorRT plan's
+    ``max_batch``, sized from the patch and the GPU's free memory by node.infer.gpu.plan), else ``batch``
+    (the manifest's ``[window] batch``, the CPU's; an imported nnU-Net bundle says 1)."""
+    own = getattr(engine, "max_batch", None)
+    return max(1, own if isinstance(own, int) and own > 0 else batch)
+
+
 def sliding_window(
     image: np.ndarray,
     engine: Engine,
@@ -60,6 +68,7 @@ def sliding_window(
         image = padded
     corners = tile_grid(image.shape, patch, overlap)
     weights = gaussian_weights(patch)
+    batch = tiles_per_batch(engine, batch)
     acc: np.ndarray | None = None
     norm = np.zeros(image.shape, dtype=np.float32)
     for b in range(0, len(corners), batch):
@@ -68,9 +77,16 @@ def sliding_window(
         probs = engine.run(tiles[:, None])
         if acc is None:
             acc = np.zeros((probs.shape[1], *image.shape), dtype=np.float32)
+        if not probs.flags.writeable:
+            probs = probs.copy()
         for (z, y, x), p in zip(group, probs, strict=False):
-            acc[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] += p * weights
+            p *= weights  # in place: no (K, *patch) temporary (the same float32 products as p * weights)
+            acc[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] += p
             norm[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += weights
+        del probs, tiles  # before the next batch runs: its activations come on top of what is still held
     assert acc is not None
+    release = getattr(engine, "release_memory", None)
+    if release is not None:  # the engine's activations are not needed while the probabilities go to the native grid
+        release()
     acc /= norm
     return acc[:, : shape[0], : shape[1], : shape[2]]

@@ -150,6 +150,13 @@ class OpenVinoEngine:
             self._release()
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def release_memory(self) -> None:
+        """Free the activations once a volume's sliding window is done (node.infer.window.sliding_window calls
+        it after its last batch), so they are not held while the probabilities go back to the native grid."""
+        release = getattr(self._compiled, "release_memory", None)
+        if release is not None:
+            release()
+
     def close(self) -> None:
         self._request = None
         self._compiled = None

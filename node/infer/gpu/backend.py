@@ -25,6 +25,7 @@ from node.infer.gpu.plan import (
     PrecisionChoice,
     choose_precision,
     size_batches,
+    tile_batch_for_patch,
 )
 from node.infer.gpu.plan_cache import CachedPlan, PlanCache, PlanKey, TensorProfile
 from node.infer.gpu.profile import GpuProfile, read_profile
@@ -120,8 +121,12 @@ def plan_engine(bundle: Bundle, gpu: GpuProfile, tensorrt_version: str) -> Engin
     shape = model_input(bundle)
     cost = model_cost(bundle.model_file, shape.sample_shape)
     choice = choose_precision(gpu, bundle.gpu.precision)
-    sizing = size_batches(gpu, cost, choice.precision, batch_dim_fixed=shape.fixed_batch,
-                          preferred_batch=bundle.window.batch, name=f"bundle {bundle.name}")
+    # The tile batch on the GPU comes from the patch size and the free memory, not from the manifest's
+    # [window] batch (the CPU's; an imported nnU-Net bundle says 1): the resident pipeline and
+    # TensorRTEngine.run run full batches of max_batch tiles, so that is also the profile's optimum.
+    cap = tile_batch_for_patch(shape.sample_shape[2:])
+    sizing = size_batches(gpu, cost, choice.precision, batch_dim_fixed=shape.fixed_batch, preferred_batch=cap,
+                          name=f"bundle {bundle.name}", patch_cap=cap)
     if bundle.gpu.max_batch and sizing.max_batch > bundle.gpu.max_batch:
         capped = bundle.gpu.max_batch
         sizing = BuildSizing(min(sizing.min_batch, capped), min(sizing.opt_batch, capped), capped,

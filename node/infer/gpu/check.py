@@ -14,13 +14,32 @@ import numpy as np
 from node.errors import InferenceError
 from node.infer.engine import Engine
 from node.model.bundle import Bundle
+from node.model.enums import IntensityScheme
+
+#: A clip bound this large means "no clip" (an imported nnU-Net model without normalisation writes ±1e6).
+UNBOUNDED = 1e5
+#: What the check feeds in place of an unbounded clip: the 12-bit CT range, HU (±1e6 would overflow FP16's
+#: 65504 in the first layer and no series holds such values).
+CT_RANGE = (-1024.0, 3071.0)
+#: What the check feeds a network whose input is z-scored per image: four standard deviations either side.
+ZSCORE_RANGE = (-4.0, 4.0)
+
+
+def input_range(bundle: Bundle) -> tuple[float, float]:
+    """The (low, high) network input the bundle's preprocessing produces, as the check feeds it."""
+    pre = bundle.preprocess
+    if pre.normalisation is not IntensityScheme.FIXED:
+        return ZSCORE_RANGE
+    low = CT_RANGE[0] if pre.clip[0] <= -UNBOUNDED else pre.clip[0]
+    high = CT_RANGE[1] if pre.clip[1] >= UNBOUNDED else pre.clip[1]
+    a, b = sorted(((low + pre.offset) * pre.scale, (high + pre.offset) * pre.scale))
+    return a, b
 
 
 def check_input(bundle: Bundle, batch: int = 1) -> np.ndarray:
     """(batch, 1, *tile) float32: blobs and a gradient in the bundle's normalised range, plus noise."""
     spatial = bundle.window.network_input
-    pre = bundle.preprocess
-    lo, hi = sorted(((pre.clip[0] + pre.offset) * pre.scale, (pre.clip[1] + pre.offset) * pre.scale))
+    lo, hi = input_range(bundle)
     rng = np.random.default_rng(20261124)
     grids = np.meshgrid(*[np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in spatial], indexing="ij")
     out = np.empty((batch, 1, *spatial), dtype=np.float32)

@@ -30,6 +30,12 @@ MEMORY_FRACTION = 0.6
 MAX_BATCH_CAP = 32
 #: Fixed allowance for the CUDA context and TensorRT's runtime structures.
 CONTEXT_OVERHEAD_BYTES = 512 * MiB
+#: Most voxels the tiles of one sliding-window batch hold together (a 256³ volume): past this a batch
+#: gains nothing measurable on any GPU (a 3D network's tile already fills it), while its outputs (one float32
+#: per class per voxel, 100+ classes for an imported TotalSegmentator model) and the last, partly empty
+#: batch of a series grow with it. So the tile batch follows the patch size: 8 tiles of 128³,
+#: 4 of nnU-Net's 160x128x112, 32 of 32x128x128 (``tile_batch_for_patch``).
+TILE_BATCH_VOXELS = 1 << 24
 
 
 # Not a StrEnum: mypy types a StrEnum's .value as plain str, while backend.onnx_at_precision passes
@@ -111,12 +117,24 @@ def _power_of_two_at_most(n: int) -> int:
     return p
 
 
+def tile_batch_for_patch(patch: tuple[int, ...]) -> int:
+    """The most tiles of ``patch`` worth running as one batch: a power of two, at most
+    :data:`MAX_BATCH_CAP`, whose tiles hold at most :data:`TILE_BATCH_VOXELS` voxels (at least 1)."""
+    voxels = 1
+    for n in patch:
+        if n < 1:
+            raise InferenceError(f"patch {tuple(patch)}: every side must be at least 1 voxel")
+        voxels *= n
+    return _power_of_two_at_most(max(1, min(MAX_BATCH_CAP, TILE_BATCH_VOXELS // voxels)))
+
+
 def size_batches(gpu: GpuProfile, cost: ModelCost, precision: Precision, *, batch_dim_fixed: int | None,
-                 preferred_batch: int, name: str) -> BuildSizing:
+                 preferred_batch: int, name: str, patch_cap: int = MAX_BATCH_CAP) -> BuildSizing:
     """Size the tile batch of ``name``'s optimisation profile from ``gpu``'s free memory.
 
     ``cost`` is the model's cost for one sample (batch 1). ``batch_dim_fixed`` is the ONNX input's
-    fixed batch size, or None when it is dynamic. The maximum batch is a power of two, so small
+    fixed batch size, or None when it is dynamic. ``patch_cap`` bounds the batch as well (the tiles'
+    own size: :func:`tile_batch_for_patch`). The maximum batch is a power of two, so small
     changes in free memory between starts do not change the plan's cache key. Raises
     :class:`InferenceError` naming the figures when even one sample does not fit.
     """
@@ -139,11 +157,13 @@ def size_batches(gpu: GpuProfile, cost: ModelCost, precision: Precision, *, batc
                                  f"{gpu.name}")
         return BuildSizing(batch_dim_fixed, batch_dim_fixed, batch_dim_fixed, workspace, per_sample, fixed, budget,
                            f"batch fixed at {batch_dim_fixed} (by the model's input, or one block per series)")
-    max_batch = _power_of_two_at_most(int(min(fits, MAX_BATCH_CAP)))
+    cap = max(1, min(MAX_BATCH_CAP, patch_cap))
+    max_batch = _power_of_two_at_most(int(min(fits, cap)))
     opt = max(1, min(preferred_batch, max_batch))
+    bound = f"at most {cap} by the tile size" if cap < MAX_BATCH_CAP else f"at most {MAX_BATCH_CAP}"
     reason = (f"{fits} tile(s) of {per_sample / MiB:,.0f} MiB fit in {MEMORY_FRACTION:.0%} of "
               f"{gpu.free_memory_bytes / GiB:,.1f} GiB free after {fixed / MiB:,.0f} MiB fixed; "
-              f"max batch {max_batch} (power of two, at most {MAX_BATCH_CAP})")
+              f"max batch {max_batch} (power of two, {bound})")
     return BuildSizing(1, opt, max_batch, workspace, per_sample, fixed, budget, reason)
 
 
