@@ -121,7 +121,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from node.assemble.select import SeriesFacts, select_bundles
+    from node.assemble.select import SeriesFacts, mr_facts, select_bundles
     from node.infer.backends.loader import EngineLoader
     from node.infer.manifest import discover_bundles
     from node.jobs.pipeline import run_job
@@ -143,7 +143,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     factory = EngineLoader.from_config(cfg)
     work: list[tuple[_SeriesFiles, Bundle]] = []
     for s in series_list:
-        chosen, reasons = select_bundles(bundles, SeriesFacts(s.modality, s.sop_class_uid, len(s.paths)))
+        mr = mr_facts(s.paths) if s.modality == "MR" else None  # for [select.mr] rules (MR brain bundle)
+        chosen, reasons = select_bundles(bundles, SeriesFacts(s.modality, s.sop_class_uid, len(s.paths), mr=mr))
         if not chosen:
             rows.append((_series_label(s), "-", "-", "-", "skipped: " + "; ".join(reasons)))
         work.extend((s, b) for b in chosen)
@@ -160,7 +161,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                   write_seg=cfg.write_seg, write_rtstruct=cfg.write_rtstruct,
                                   preview_png=args.preview or cfg.preview_png, preview_sc=cfg.preview_sc,
                                   seg_type=cfg.seg_type, derive_missing_uids=True,
-                                  mixed_frames=cfg.mixed_frames_of_reference)
+                                  mixed_frames=cfg.mixed_frames_of_reference, output=cfg.output_plan())
                 result = "ok: " + ", ".join(str(o.path) for o in outcome.objects)
                 if outcome.note:
                     result += f" (note: {outcome.note})"
@@ -320,6 +321,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from node.assemble.explain import explain_series
     from node.config import check_bundle_names
+    from node.config_output import check_output_names
     from node.infer.manifest import discover_bundles
 
     cfg = _load(args)
@@ -332,7 +334,9 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 2
     bundles = discover_bundles(cfg.bundles_dir, cfg.bundles)
     check_bundle_names(cfg, [b.name for b in bundles])
-    print("\n".join(explain_series(cfg, bundles, series).lines()))
+    check_output_names(cfg.source, cfg.output, [(d.name, d.structures) for d in cfg.destinations], bundles)
+    paths = index.instance_paths(series.series_uid) if series.modality == "MR" else []
+    print("\n".join(explain_series(cfg, bundles, series, paths).lines()))
     return 0
 
 

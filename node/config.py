@@ -22,6 +22,7 @@ from node.config_dicomweb import (
     parse_verification,
     parse_web_destination,
 )
+from node.config_output import OutputPlan, OutputSelection, output_plan, parse_output_selection, parse_structures
 from node.config_qa import QaConfig, parse_qa
 from node.config_tls import TlsConfig, check_tls_files
 from node.config_triton import TritonConfig, parse_triton
@@ -61,6 +62,7 @@ class Destination:
     review: bool = False  # hold its copies until a reviewer approves the job (the review gate)
     web: WebDestination | None = None  # type DICOMWEB: the STOW-RS service (url, auth, TLS)
     verify: Verification = Verification()  # how its storage of each object is confirmed after the send
+    structures: tuple[str, ...] | None = None  # the structures it gets (None: [output]'s; node/config_output.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", DestinationType(self.type))  # a string becomes the enum here
@@ -178,6 +180,7 @@ class NodeConfig:
     seg_type: SegType = SegType.BINARY
     preview_png: bool = False
     preview_sc: bool = False
+    output: OutputSelection = OutputSelection()  # [output] structures and roi_names
     retention_keep_days: float = 7.0
     retention_max_spool_gb: float = 0.0
     retention_interval_s: float = 300.0
@@ -223,6 +226,10 @@ class NodeConfig:
     def held_for_review(self, destination: Destination, bundle_name: str) -> bool:
         """Whether ``destination``'s copies of ``bundle_name``'s results wait for a reviewer."""
         return destination.review or bundle_name in self.review_bundles
+
+    def output_plan(self) -> OutputPlan:
+        """The structure selections each job writes (the site's and the destinations' own) and the ROI renames."""
+        return output_plan(self.output, (d.structures for d in self.destinations))
 
     def job_result_dir(self, job_id: int) -> Path:
         """Where job ``job_id`` writes its result objects (the worker) and what retention deletes."""
@@ -339,6 +346,7 @@ def config_from_mapping(raw: dict[str, Any], *, source: str, base_dir: Path) -> 
         seg_type=output.choice("seg_type", SegType, defaults.seg_type),
         preview_png=output.get("preview_png", bool, defaults.preview_png),
         preview_sc=output.get("preview_sc", bool, defaults.preview_sc),
+        output=parse_output_selection(output),
         retention_keep_days=retention.positive("keep_days", defaults.retention_keep_days),
         retention_max_spool_gb=retention.positive("max_spool_gb", defaults.retention_max_spool_gb, allow_zero=True),
         retention_interval_s=retention.positive("interval_s", defaults.retention_interval_s),
@@ -393,20 +401,22 @@ def _destination(table: Table, base_dir: Path) -> Destination:
         when=_conditions(table.table("when")),
     )
     review, verify = table.get("review", bool, False), parse_verification(table)
+    structures = parse_structures(table)
     if kind is DestinationType.DICOMWEB:
         if verify.mode is VerifyMode.COMMITMENT:
             raise table.fail("verify", "is 'commitment', which DICOMweb has no service for; use \"find\" (QIDO-RS)")
         web = parse_web_destination(table, base_dir)
         web_host, web_port = host_port(web.url)
         return Destination(name=table.get("name", str, web_host), ae_title="", host=web_host, port=web_port,
-                           type=kind, web=web, route=route, review=review, verify=verify)
+                           type=kind, web=web, route=route, review=review, verify=verify, structures=structures)
     aet = _ae_title(table.require("ae_title", str), table.where("ae_title"))
     host = table.get("host", str, None)
     if not host:
         raise table.fail("host", "is missing; expected a host name or address")
     port = _port(table.require("port", int), table.where("port"))
     return Destination(name=table.get("name", str, aet.lower()), ae_title=aet, host=host, port=port,
-                       tls=table.get("tls", bool, False), type=kind, route=route, review=review, verify=verify)
+                       tls=table.get("tls", bool, False), type=kind, route=route, review=review, verify=verify,
+                       structures=structures)
 
 
 def _pattern(table: Table, key: str) -> re.Pattern[str] | None:

@@ -41,9 +41,13 @@ from node.model.bundle import (
     CpuOptions,
     GpuOptions,
     Label,
+    MrAcquisition,
+    MrSelection,
+    NnunetResampling,
     Part,
     Postprocess,
     Preprocess,
+    ScanningSequence,
     Selection,
     Window,
 )
@@ -51,9 +55,11 @@ from node.model.enums import (
     Activation,
     CpuPrecisionRequest,
     Crop,
+    IntensityScheme,
     ModelKind,
     PartsCombine,
     PrecisionRequest,
+    Resampling,
     WindowMode,
 )
 from node.model.tables import Table
@@ -98,6 +104,7 @@ def _labels(top: Table) -> tuple[Label, ...]:
                 rt_roi_type=rt_type,
                 includes=tuple(includes),
                 roi_name=lt.get("roi_name", str, ""),
+                type_modifier=_code(lt.table("type_modifier")) if "type_modifier" in lt else None,
             )
         )
     where = f"{top.source}: [[labels]]"
@@ -152,11 +159,42 @@ def _uneven_slices(p: Table) -> UnevenSlices:
     return policy
 
 
+def _spline_orders(p: Table, key: str, default: tuple[int, int]) -> tuple[int, int]:
+    value = p.get(key, list, list(default))
+    if not (len(value) == 2 and value[0] in (0, 1, 3) and value[1] in (0, 1)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise p.fail(key, f"is {value!r}; expected [order, order_z] with order 0, 1 or 3 and order_z 0 or 1")
+    return value[0], value[1]
+
+
+def _nnunet_resampling(p: Table, resampling: Resampling) -> NnunetResampling:
+    """nnU-Net's resampling kwargs (``resampling = "nnunet"`` only; node.infer.resample_nnunet)."""
+    keys = ("resampling_order", "probabilities_order", "separate_z_anisotropy", "force_separate_z")
+    if resampling is not Resampling.NNUNET:
+        for key in keys:
+            if key in p:
+                raise p.fail(key, f"is set but resampling is {resampling.value!r}; it applies to \"nnunet\" only")
+        return NnunetResampling()
+    order, order_z = _spline_orders(p, "resampling_order", (3, 0))
+    back, back_z = _spline_orders(p, "probabilities_order", (1, 0))
+    return NnunetResampling(order=order, order_z=order_z, probabilities_order=back, probabilities_order_z=back_z,
+                            force_separate_z=p.get("force_separate_z", bool, None),
+                            anisotropy_threshold=p.positive("separate_z_anisotropy", 3.0))
+
+
+def _transpose(p: Table) -> tuple[int, int, int]:
+    value = p.get("transpose", list, [0, 1, 2])
+    if sorted(value) != [0, 1, 2] or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise p.fail("transpose", f"is {value!r}; expected a permutation of [0, 1, 2]")
+    return value[0], value[1], value[2]
+
+
 def _preprocess(p: Table) -> Preprocess:
     median_size = p.get("median_size", int, 0)
     if median_size < 0 or (median_size and median_size % 2 == 0):
         raise p.fail("median_size", f"is {median_size}; expected 0 or an odd number")
     clip = p.numbers("clip", 2, (-1024.0, 3071.0))
+    resampling = p.choice("resampling", Resampling, Resampling.LINEAR)
     return Preprocess(
         spacing_mm=_triple(p, "spacing_mm"),
         clip=(clip[0], clip[1]),
@@ -168,6 +206,25 @@ def _preprocess(p: Table) -> Preprocess:
         uneven_slices=_uneven_slices(p),
         crop=p.choice("crop", Crop, Crop.NONE),
         crop_max_mm=_triple(p, "crop_max_mm"),
+        resampling=resampling,
+        nnunet=_nnunet_resampling(p, resampling),
+        normalisation=p.choice("normalisation", IntensityScheme, IntensityScheme.FIXED),
+        transpose=_transpose(p),
+    )
+
+
+def _mr_selection(t: Table) -> MrSelection:
+    """``[select.mr]``: the MR header rules (node.model.bundle.MrSelection)."""
+    return MrSelection(
+        acquisition_types=tuple(t.choices("acquisition_types", MrAcquisition)) if "acquisition_types" in t else (),
+        max_slice_thickness_mm=t.positive("max_slice_thickness_mm", 0.0, allow_zero=True),
+        scanning_sequences=tuple(t.choices("scanning_sequences", ScanningSequence)) if "scanning_sequences" in t
+        else (),
+        max_echo_time_ms=t.positive("max_echo_time_ms", 0.0, allow_zero=True),
+        max_repetition_time_ms=t.positive("max_repetition_time_ms", 0.0, allow_zero=True),
+        max_inversion_time_ms=t.positive("max_inversion_time_ms", 0.0, allow_zero=True),
+        exclude_descriptions=t.strings("exclude_descriptions"),
+        takes=t.get("takes", str, MrSelection.takes),
     )
 
 
@@ -339,6 +396,7 @@ def load_bundle(directory: Path) -> Bundle:
             modalities=tuple(s.require("modalities", list)),
             sop_classes=tuple(s.get("sop_classes", list, [])),
             min_slices=s.get("min_slices", int, 1),
+            mr=_mr_selection(s.table("mr")) if "mr" in s else None,
         ),
         coverage=Coverage(
             min_extent_mm=cov.get("min_extent_mm", float, 0.0),

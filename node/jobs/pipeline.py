@@ -17,6 +17,7 @@ import numpy as np
 
 from node.assemble.select import SeriesFacts, why_not
 from node.assemble.volume import build_volume, read_series
+from node.config_output import OutputPlan
 from node.errors import Declined, VolumeError
 from node.infer.backends.threads import heavy_step
 from node.infer.engine import Engine
@@ -28,9 +29,11 @@ from node.model.records import StructureVolume
 from node.model.volume import MixedFrames, Volume
 from node.write.clean import Cleaning, clean_labels
 from node.write.contour_check import describe
-from node.write.files import WrittenObject, write_preview, write_results
+from node.write.contours import Outlines
+from node.write.files import WrittenObject, write_preview
 from node.write.provenance import Provenance
 from node.write.result import Result, label_mask, present_labels
+from node.write.selection import write_selections
 from node.write.uids import ResultUids, job_key
 
 log = logging.getLogger(__name__)
@@ -179,11 +182,13 @@ def run_job(
     seg_type: SegType = SegType.BINARY,
     derive_missing_uids: bool = False,
     mixed_frames: MixedFrames = MixedFrames.SEGMENT,
+    output: OutputPlan | None = None,
 ) -> JobOutcome:
     """Read, assemble, segment and write one series with one bundle; return what was written.
 
     ``paths`` are the series' files, or a :class:`SeriesVolume` that the jobs of the series share (read and
-    assembled once; ``mixed_frames`` is then the one it was made with).
+    assembled once; ``mixed_frames`` is then the one it was made with). ``output``: which structures are written
+    and under which ROI names (``[output]``, node/config_output.py; default: every structure, no renames).
     """
     source = paths if isinstance(paths, SeriesVolume) else SeriesVolume(paths, mixed_frames)
     volume, got = source.get()
@@ -199,17 +204,25 @@ def run_job(
         labels = segment_volume(volume, bundle, engine)
     watch.lap("infer")
     with watch.turn():
-        _log_cleaning(clean_labels(labels, bundle, volume.geometry), series_uid, bundle)  # before both writers
+        outlines: dict[int, Outlines] = {}  # the cleaning's tracing, which the RTSTRUCT reuses where it still holds
+        _log_cleaning(clean_labels(labels, bundle, volume.geometry, outlines), series_uid, bundle)  # before writing
     watch.lap("clean")
     found = present_labels(labels, bundle)
     if not found:
         raise Declined(f"{bundle.name} found none of its structures "
                        f"({', '.join(label.name for label in bundle.labels)}) "
                        "in this series; nothing to write")
-    uids = ResultUids.for_job(job_key(series_uid, bundle.id, volume.sop_instance_uids))
-    result = Result(volume, labels, bundle, found, uids, provenance)
+    key = job_key(series_uid, bundle.id, volume.sop_instance_uids)
+    plan = output or OutputPlan()
+    result = Result(volume, labels, bundle, found, ResultUids.for_job(key), provenance, plan.roi_names, outlines)
     with watch.turn():  # writing is the other large step (SEG frames, contours): it takes its turn too
-        objects = write_results(result, out_dir, write_seg=write_seg, write_rtstruct=write_rtstruct, seg_type=seg_type)
+        # one SEG and RTSTRUCT per distinct selection (node/config_output.py): the site's, then each destination's
+        objects = write_selections(result, out_dir, plan, key, write_seg=write_seg, write_rtstruct=write_rtstruct,
+                                   seg_type=seg_type)
+    if not objects and (write_seg or write_rtstruct):
+        selections = "; ".join(", ".join(names) for names in (plan.structures or (), *plan.others))
+        raise Declined(f"{bundle.name} found {', '.join(label.name for label in found)} in this series, none of the "
+                       f"structures selected for sending ({selections}); nothing to write")
     watch.lap("write")
     volumes = structure_volumes(result)
     if preview_png or preview_sc:

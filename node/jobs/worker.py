@@ -297,6 +297,7 @@ class _Worker:
                 preview_sc=cfg.preview_sc,
                 seg_type=cfg.seg_type,
                 mixed_frames=cfg.mixed_frames_of_reference,
+                output=cfg.output_plan(),  # [output] structures and roi_names, destinations' own structures
             )
         except Declined as exc:
             log.info("job %d declined: %s", job.id, exc)

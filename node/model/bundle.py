@@ -17,9 +17,11 @@ from node.model.enums import (
     Activation,
     CpuPrecisionRequest,
     Crop,
+    IntensityScheme,
     ModelKind,
     PartsCombine,
     PrecisionRequest,
+    Resampling,
     WindowMode,
 )
 from node.model.volume import UnevenSlices
@@ -53,6 +55,8 @@ class Label:
     #: The RTSTRUCT ROI Name (TG-263 for imported TotalSegmentator bundles); empty: ``name``. The SEG's segment
     #: label is ``name`` either way, and both carry the coded type.
     roi_name: str = ""
+    #: Laterality and the like (SegmentedPropertyTypeModifier): Kidney + Left for the left kidney.
+    type_modifier: Code | None = None
 
     @property
     def structure_set_name(self) -> str:
@@ -60,11 +64,58 @@ class Label:
         return self.roi_name or self.name
 
 
+class MrAcquisition(enum.StrEnum):
+    """MR Acquisition Type (0018,0023), PS3.3 C.8.3.1."""
+
+    TWO_D = "2D"  # slices excited one by one (or several at once)
+    THREE_D = "3D"  # a volume excited and phase-encoded in both in-plane and through-plane directions
+
+
+class ScanningSequence(enum.StrEnum):
+    """Scanning Sequence (0018,0020) defined terms, PS3.3 C.8.3.1 (a series may carry several)."""
+
+    SE = "SE"  # spin echo
+    IR = "IR"  # inversion recovery
+    GR = "GR"  # gradient recalled
+    EP = "EP"  # echo planar
+    RM = "RM"  # research mode
+
+
+@dataclass(frozen=True)
+class MrSelection:
+    """``[select.mr]``: the MR series a bundle takes, by header facts (node.assemble.select.MrFacts). A rule
+    whose fact the series does not carry declines it (what cannot be confirmed is not taken)."""
+
+    acquisition_types: tuple[MrAcquisition, ...] = ()  # () takes any
+    max_slice_thickness_mm: float = 0.0  # SliceThickness (0018,0050); 0: no limit
+    scanning_sequences: tuple[ScanningSequence, ...] = ()  # the series' ScanningSequence must hold one of these
+    max_echo_time_ms: float = 0.0  # EchoTime (0018,0081); 0: no limit
+    max_repetition_time_ms: float = 0.0  # RepetitionTime (0018,0080); 0: no limit
+    max_inversion_time_ms: float = 0.0  # InversionTime (0018,0082), when the series has one; 0: no limit
+    #: SeriesDescription words that mark a series this bundle must not take (case-insensitive substrings).
+    exclude_descriptions: tuple[str, ...] = ()
+    takes: str = "only the MR series its [select.mr] rules describe"  # for the decline sentence: "3D T1-weighted MR"
+
+
 @dataclass(frozen=True)
 class Selection:
     modalities: tuple[str, ...]
     sop_classes: tuple[str, ...]
     min_slices: int
+    mr: MrSelection | None = None  # MR header rules ([select.mr]); None: any MR series of the right class
+
+
+@dataclass(frozen=True)
+class NnunetResampling:
+    """The ``resampling_fn_*_kwargs`` of an nnU-Net plan, for ``resampling = "nnunet"``: spline orders in-plane and
+    along a separate low-resolution axis, for the image (in) and the probabilities (back)."""
+
+    order: int = 3
+    order_z: int = 0
+    probabilities_order: int = 1
+    probabilities_order_z: int = 0
+    force_separate_z: bool | None = None  # None: separate when the spacing's anisotropy exceeds the threshold
+    anisotropy_threshold: float = 3.0  # nnU-Net's ANISO_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -85,6 +136,12 @@ class Preprocess:
     uneven_slices: UnevenSlices = UnevenSlices.DECLINE
     crop: Crop = Crop.NONE  # ABDOMEN: the body's box, at most crop_max_mm, centred on the liver dome region
     crop_max_mm: tuple[float, float, float] | None = None
+    resampling: Resampling = Resampling.LINEAR
+    nnunet: NnunetResampling = NnunetResampling()  # used when resampling is NNUNET
+    normalisation: IntensityScheme = IntensityScheme.FIXED  # ZSCORE*: clip, offset and scale are not used
+    #: The network's axes as a permutation of the array's (nnU-Net's transpose_forward); ``spacing_mm`` stays in
+    #: the array's own order. The probabilities are transposed back.
+    transpose: tuple[int, int, int] = (0, 1, 2)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,26 @@ class PartsCombine(enum.StrEnum):
     DEEPBET = "deepbet"  # a locator network's box, then the brain network inside it (node.infer.brain)
 
 
+class Resampling(enum.StrEnum):
+    """``[preprocess] resampling``: how a volume goes to the network's spacing and the probabilities come back."""
+
+    LINEAR = "linear"  # trilinear both ways (the GPU-resident pipeline reproduces it)
+    #: nnU-Net v2's own (``resample_data_or_seg_to_shape``): crop to the nonzero box, order 3 in, order 1 back,
+    #: order 0 along a separate low-resolution axis (node.infer.resample_nnunet); CPU only
+    NNUNET = "nnunet"
+    #: TotalSegmentator's own (change_spacing): linear with end voxel centres aligned, rounded toward zero,
+    #: argmax on the model grid, labels back by nearest neighbour (node.infer.resample_totalseg); CPU only
+    TOTALSEG = "totalseg"
+
+
+class IntensityScheme(enum.StrEnum):
+    """``[preprocess] normalisation``: how voxel values become network input."""
+
+    FIXED = "fixed"  # (clip(x) + offset) * scale: CT windows, nnU-Net's CTNormalization
+    ZSCORE = "zscore"  # (x - mean) / std over the whole image (nnU-Net's ZScoreNormalization)
+    ZSCORE_NONZERO = "zscore-nonzero"  # the same inside the filled nonzero mask, 0 outside (use_mask_for_norm)
+
+
 class Activation(enum.StrEnum):
     """``[model] activation``: how the network's output channels become probabilities."""
 

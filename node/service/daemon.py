@@ -28,6 +28,7 @@ from node import telemetry
 from node.assemble.completeness import Completeness, counter_for
 from node.assemble.stable import Assembler
 from node.config import NodeConfig, check_bundle_names
+from node.config_output import check_output_names
 from node.dicom.scp import Receiver
 from node.errors import ConfigError
 from node.infer.backends.registry import is_strict
@@ -128,6 +129,8 @@ class Service:
         self._failures = StepFailures()
         self.bundles = discover_bundles(cfg.bundles_dir, cfg.bundles)
         check_bundle_names(cfg, [b.name for b in self.bundles])
+        check_output_names(cfg.source, cfg.output, [(d.name, d.structures) for d in cfg.destinations],
+                           self.bundles)  # a structure no installed bundle produces stops the start, named
         self.receiver = Receiver(cfg, self.spool, self.index)
         counter = counter_for(cfg)
         self.assembler = Assembler(self.index, self.bundles, cfg.rules,
