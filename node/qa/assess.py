@@ -99,7 +99,8 @@ def referenced_ct(index: Index, ds: Dataset) -> str:
 
 
 def our_results(index: Index, ct_series_uid: str) -> list[OurResult]:
-    """The newest result of each bundle that segmented the series: its RTSTRUCT, else its SEG."""
+    """The newest result of each bundle that segmented the series: its RTSTRUCTs (one per structure selection),
+    else its SEGs."""
     jobs = [j for j in index.series_jobs(ct_series_uid) if j.kind is JobKind.SEGMENT]
     newest: dict[str, JobRecord] = {j.bundle: j for j in jobs if j.state in WROTE_RESULTS and j.result_dir}
     found = []
@@ -107,7 +108,7 @@ def our_results(index: Index, ct_series_uid: str) -> list[OurResult]:
         folder = Path(job.result_dir)
         files = sorted(folder.glob("RTSTRUCT_*.dcm")) or sorted(folder.glob("SEG_*.dcm"))
         if files:
-            found.append(OurResult(job.id, job.bundle, files[0]))
+            found.append(OurResult(job.id, job.bundle, tuple(files)))
     if not found:
         if index.series(ct_series_uid) is None:
             why = f"it references series {ct_series_uid}, which the node never received (or retention deleted)"
@@ -164,7 +165,7 @@ def assess(index: Index, cfg: NodeConfig, instance: EditedInstance, series_uid: 
         jobs = tuple(r.job_id for r in results)
         grid = _ct_grid(index, ct_uid)
         _, theirs = read_side(ds, grid, max_rois=cfg.qa.max_rois)
-        ours = read_ours(results, grid)
+        ours = read_ours(results, grid, theirs, cfg.qa.alias_table())
         bundles = edited_bundles(ours, theirs, cfg.qa)
         jobs = tuple(r.job_id for r in results if r.bundle in bundles)
         structures = compare_structures([s for s in ours if s.bundle in bundles], theirs, grid, cfg.qa)

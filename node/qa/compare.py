@@ -72,11 +72,12 @@ class Structure:
 
 @dataclass(frozen=True)
 class OurResult:
-    """A result the node wrote for the CT: the job, its bundle, and its RTSTRUCT (or SEG) file."""
+    """A result the node wrote for the CT: the job, its bundle, and its RTSTRUCT (or SEG) files: one, or one per
+    distinct structure selection of the site's destinations ([output] structures, node/write/selection.py)."""
 
     job_id: int
     bundle: str
-    path: Path
+    paths: tuple[Path, ...]
 
 
 def _read(path: Path | Dataset, what: str) -> Dataset:
@@ -135,12 +136,28 @@ def read_side(source: Path | Dataset, grid: Grid, *, bundle: str = "", max_rois:
                          f"{sop_class or 'missing'})")
 
 
-def read_ours(results: Sequence[OurResult], grid: Grid) -> list[Structure]:
-    """The node's structures for the CT, from each bundle's newest result (in job order)."""
+def read_ours(results: Sequence[OurResult], grid: Grid, theirs: Sequence[Structure] = (),
+              aliases: dict[str, str] | None = None) -> list[Structure]:
+    """The node's structures for the CT, from each bundle's newest result (in job order).
+
+    Where a bundle's result was written once per structure selection (a TPS sent 5 OARs, the PACS all 117),
+    the one the edited set came from is the one most of ``theirs``' names match (through ``aliases``), then the
+    one with the fewest structures the set does not carry; where no name matches, the largest. Comparing with
+    another selection would call structures the clinician never received "deleted", or ones they did "added".
+    """
+    keys = {canonical(s.name, aliases or {}) for s in theirs}
     structures: list[Structure] = []
     for result in results:
-        _, found = read_side(result.path, grid, bundle=result.bundle, what=f"job {result.job_id}'s result")
-        structures.extend(found)
+        best: tuple[int, int] | None = None
+        chosen: list[Structure] = []
+        for path in result.paths:
+            _, found = read_side(path, grid, bundle=result.bundle, what=f"job {result.job_id}'s result")
+            matches = sum(canonical(s.name, aliases or {}) in keys for s in found)
+            unmatched = len(found) - matches
+            score = (matches, -unmatched) if matches else (0, len(found))
+            if best is None or score > best:
+                best, chosen = score, found
+        structures.extend(chosen)
     return structures
 
 

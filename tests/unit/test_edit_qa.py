@@ -32,7 +32,7 @@ from node.model.qa_records import QaSet, StructureQa
 from node.model.records import InstanceMeta, JobRecord, JobState
 from node.qa.assess import assess
 from node.qa.checks import self_intersects
-from node.qa.compare import Grid, compare_structures, read_side
+from node.qa.compare import Grid, OurResult, compare_structures, read_ours, read_side
 from node.qa.match import pair_by_name
 from node.qa.metrics import overlap
 from node.qa.report import build_report, control_limit, render_csv, render_text
@@ -220,6 +220,28 @@ def test_our_seg_reads_back_like_our_rtstruct(site: Site) -> None:
     got = compare_structures(from_rt, from_seg, site.grid, QaConfig())
     assert {s.name: (s.verdict, s.dice) for s in got} == dict.fromkeys(["BODY", "Lung_L", "Lung_R"],
                                                                         (EditVerdict.UNCHANGED, 1.0))
+
+
+def test_the_selection_the_clinician_received_is_the_one_compared(site: Site, tmp_path: Path) -> None:
+    """With [output] structures per destination a bundle's result has one RTSTRUCT per selection: an edited set
+    is compared with the one whose ROIs it carries, not with the first file (which would make the structures
+    the TPS never received "deleted")."""
+    subset = site.edited("the TPS's selection")
+    for name in ("BODY", "Lung_R"):
+        edit.delete_roi(subset, name)
+    subset_path = tmp_path / "RTSTRUCT_subset.dcm"
+    edit.save(subset, subset_path)
+    both = OurResult(site.job_id, "body-lungs", (subset_path, site.rtstruct))
+    aliases = QaConfig().alias_table()
+    _, theirs_small = read_side(subset_path, site.grid)
+    ours = read_ours([both], site.grid, theirs_small, aliases)
+    assert [s.name for s in ours] == ["Lung_L"]
+    got = compare_structures(ours, theirs_small, site.grid, QaConfig())
+    assert [(s.name, s.verdict) for s in got] == [("Lung_L", EditVerdict.UNCHANGED)]
+    _, theirs_all = read_side(site.rtstruct, site.grid)
+    assert sorted(s.name for s in read_ours([both], site.grid, theirs_all, aliases)) == ["BODY", "Lung_L", "Lung_R"]
+    # nothing in common (a set under unknown names): the larger selection, so every structure is accounted for
+    assert len(read_ours([both], site.grid, [], aliases)) == 3
 
 
 # ------------------------------------------------------------------------------------------------ bad input
