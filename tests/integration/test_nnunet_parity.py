@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,8 @@ from node.assemble.volume import build_volume, read_series
 from node.model.volume import Volume
 from tests.harness.nnunet_parity import Agreement
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
 CT = SHARED / "ct" / "totalseg-abdomen-20-j2k"
 HAVE_IMPORT_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("torch", "nnunetv2"))
 ITERATIONS = 300
@@ -119,3 +122,29 @@ def test_resampled_to_the_plans_spacing_node_labels_equal_nnunet_predictor_label
     result = _compare(volume, model, tmp_path / "bundle")
     assert result.voxel_agreement >= MIN_AGREEMENT
     assert min(result.dice.values()) >= MIN_DICE, result.dice
+
+
+def test_the_speed_benchmark_runs_both_pipelines_and_prints_their_figures(trained: Path) -> None:
+    """benchmarks/import_parity.py (node vs nnUNetPredictor: seconds, peak RSS, agreement) on a model of one's
+    own (``--model``), each pipeline in its own process: the table's row carries both pipelines' figures and
+    the labels agree as the parity tests require. No time is asserted (speed is read from the benchmark's
+    table on a quiet machine, README "Speed and memory"); this keeps the benchmark itself working."""
+    from tests.harness.nnunet_tiny import LABELS_CSV
+
+    command = [sys.executable, str(ROOT / "benchmarks" / "import_parity.py"), "--model", str(trained),
+               "--labels-map", str(LABELS_CSV), "--ct", str(CT), "--slices", "20", "--slice-mm", "0",
+               "--threads", "2", "--backend", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1100, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    row = lines[header + 1].split()
+    assert row[0] == trained.name, lines[header + 1]
+    tiles, node_s, node_mb, nnunet_s, nnunet_mb, speed_up, memory, agree, min_dice = row[-9:]
+    assert int(tiles) > 1 and speed_up.endswith("x"), lines[header + 1]
+    assert min(float(node_s), float(nnunet_s), float(node_mb), float(nnunet_mb)) > 0, lines[header + 1]
+    assert float(speed_up[:-1]) == pytest.approx(float(nnunet_s) / float(node_s), rel=0.02)
+    assert float(memory) == pytest.approx(float(node_mb) / float(nnunet_mb), abs=0.01)
+    assert float(agree) >= MIN_AGREEMENT and float(min_dice) >= MIN_DICE, "\n".join(lines[header:])
+    title = next(line for line in lines if line.startswith("CT "))
+    assert "ONNX Runtime" in title and f"from {CT}" in title, title
