@@ -18,11 +18,11 @@ made into ``--slices`` slices (default 300) by mirroring the real slices back an
     .venv/bin/python benchmarks/import_parity.py [--models 3mm 1.5mm] [--classes 25] [--slices 300]
         [--threads 2] [--ct DIR] [--model MODEL_DIR --labels-map CSV]
 
-Needs the [import] extra (torch, nnunetv2). On 2 shared cores ``--models 3mm`` took 7 min (making and importing
-the model 2 min, node 44 s, nnUNetPredictor 200 s); 1.5mm has 75 tiles of 1 TFLOP instead of 4 (estimated: node
-~5 min with OpenVINO BF16, ~15 min with ONNX Runtime; nnUNetPredictor ~15 min), and nnUNetPredictor's peak is
-~10 GB or more at 25 classes (it resamples every class's logits to the native grid at once): run it on an
-otherwise idle machine with 16 GB or more.
+Needs the [import] extra (torch, nnunetv2). On 2 idle cores (3 Dec 2026) both models took 17 min: the models made
+and imported in ~30 s each, the node 26 s and 106 s (OpenVINO BF16), nnUNetPredictor 162 s and 629 s; its peak
+is 10 GB at 3 mm and 14 GB at 1.5 mm with 25 classes (it resamples every class's logits to the native grid at
+once): run it on an otherwise idle machine with 16 GB or more. Figures and their reading: README, "Speed and
+memory: node vs nnUNetPredictor".
 """
 
 from __future__ import annotations
