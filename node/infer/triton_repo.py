@@ -4,8 +4,9 @@ Per bundle with a network: ``<model>/config.pbtxt`` and ``<model>/1/model.onnx``
 backend), and where TensorRT plans are cached under the state directory (``engines build``), a second
 model ``<model>-trt`` with ``platform: "tensorrt_plan"`` and one plan per GPU compute capability
 (``cc_model_filenames``). Inputs and outputs (names, datatypes, dims) come from the ONNX graph; the batch
-dimension becomes ``max_batch_size`` with a ``dynamic_batching`` whose preferred batch is the bundle's own
-(``[window] batch``). A README.md in the repository says how to start Triton on it and point nodes at it.
+dimension becomes ``max_batch_size`` with a ``dynamic_batching`` whose preferred batch is, on a GPU instance,
+the node's GPU batch for the bundle's patch, on a CPU instance the bundle's ``[window] batch``. A README.md in
+the repository says how to start Triton on it and point nodes at it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import BundleError
+from node.infer.gpu.plan import tile_batch_for_patch
 from node.infer.gpu.plan_cache import slug
 from node.model.bundle import Bundle
 from node.model.enums import WindowMode
@@ -70,9 +72,15 @@ def onnx_io(model_file: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(i) for i in graph.input if i.name not in weights], [spec(o) for o in graph.output]
 
 
-def preferred_batch(bundle: Bundle) -> int:
-    """The node's own batch: what the sliding window sends at once (a single block: one)."""
-    return 1 if bundle.window.mode is WindowMode.SINGLE_BLOCK else max(1, bundle.window.batch)
+def preferred_batch(bundle: Bundle, kind: str = InstanceKind.CPU) -> int:
+    """The batch the server's dynamic batcher aims for, which the node's TritonEngine also sends per request: on a
+    GPU instance the batch the node's own GPU path takes for the patch (node/infer/gpu/plan.py: ≤ 2^24 voxels of
+    tiles, e.g. 4 tiles of 160x128x112; never less than the bundle's ``[window] batch``); on a CPU instance the
+    bundle's ``[window] batch`` (an imported nnU-Net bundle's 1). A single block: one."""
+    if bundle.window.mode is WindowMode.SINGLE_BLOCK:
+        return 1
+    own = max(1, bundle.window.batch)
+    return max(own, tile_batch_for_patch(bundle.window.patch)) if kind == InstanceKind.GPU else own
 
 
 def _tensor_block(role: str, specs: list[TensorSpec], batched: bool) -> str:
@@ -128,10 +136,11 @@ def export_bundle(bundle: Bundle, repo: Path, *, state_dir: Path, model: str | N
     name = model or bundle.name
     inputs, outputs = onnx_io(bundle.model_file)
     batched = all(s.shape and s.shape[0] == -1 for s in (*inputs, *outputs))
-    preferred = preferred_batch(bundle)
-    # A single block (a whole volume, GBs of activations) is not batched further; tiles are, up to max_batch.
+    preferred = preferred_batch(bundle, kind)
+    # A single block (a whole volume, GBs of activations) is not batched further; tiles are, up to max_batch (or the
+    # bundle's own batch where that is larger); a GPU preferred batch above max_batch is cut to it (model_config).
     single = bundle.window.mode is WindowMode.SINGLE_BLOCK
-    size = (preferred if single else max(max_batch, preferred)) if batched else 0
+    size = (preferred if single else max(max_batch, preferred_batch(bundle, InstanceKind.CPU))) if batched else 0
     (repo / name / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(bundle.model_file, repo / name / "1" / "model.onnx")
     (repo / name / "config.pbtxt").write_text(model_config(
@@ -147,7 +156,8 @@ def export_bundle(bundle: Bundle, repo: Path, *, state_dir: Path, model: str | N
             shutil.copyfile(plan, repo / trt / "1" / files[cc])
         plan_batch = min(b for _, b in plans.values()) if batched else 0
         (repo / trt / "config.pbtxt").write_text(model_config(
-            trt, inputs=inputs, outputs=outputs, max_batch=plan_batch, preferred=preferred, kind=InstanceKind.GPU,
+            trt, inputs=inputs, outputs=outputs, max_batch=plan_batch,
+            preferred=preferred_batch(bundle, InstanceKind.GPU), kind=InstanceKind.GPU,
             platform="tensorrt_plan", cc_plans=files))
         done.append(ExportedModel(bundle.name, trt, "tensorrt_plan", repo / trt, plan_batch))
     return done

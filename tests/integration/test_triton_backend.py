@@ -91,7 +91,8 @@ def test_triton_computes_what_the_cpu_backend_computes(server: TritonServer, bun
     engine = TritonEngine(bundle, TritonConfig(url=url, in_flight=2, shared_memory=memory))
     try:
         facts = engine.check()
-        assert (facts.max_batch_size, facts.platform) == (4, "python")
+        assert (facts.max_batch_size, facts.platform, facts.preferred_batch) == (4, "python", 2)
+        assert engine.max_batch == 4  # what the sliding window hands it: the preferred 2 for each of 2 in flight
         tiles = np.random.default_rng(7).uniform(-1.0, 1.5, (5, 1, 32, 128, 128)).astype(np.float32)
         assert engine.chunks(len(tiles), facts.max_batch_size) == [(0, 3), (3, 5)]  # two requests in flight
         got, want = engine.run(tiles), _reference(bundle).run(tiles)

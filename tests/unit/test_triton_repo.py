@@ -22,10 +22,10 @@ from node.infer.backends import registry
 from node.infer.backends.base import BackendSettings
 from node.infer.backends.cuda import CudaBackend
 from node.infer.backends.loader import EngineLoader
-from node.infer.backends.triton import TritonEngine, TritonUnavailable, check_tensor
+from node.infer.backends.triton import ModelFacts, TritonEngine, TritonUnavailable, _max_batch, check_tensor
 from node.infer.gpu.plan_cache import slug
 from node.infer.manifest import load_bundle
-from node.infer.triton_repo import export_repository
+from node.infer.triton_repo import InstanceKind, export_repository, preferred_batch
 from node.model.enums import EngineBackend
 
 ENGINES = Path(__file__).resolve().parents[2] / "engines"
@@ -51,7 +51,9 @@ def test_export_writes_a_repository_triton_parses(tmp_path: Path) -> None:
     assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("body-threshold", "onnxruntime", 8)
     assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("image", _pb().TYPE_FP32, [1, -1, -1, -1])]
     assert [(o.name, list(o.dims)) for o in cfg.output] == [("probabilities", [2, -1, -1, -1])]
-    assert list(cfg.dynamic_batching.preferred_batch_size) == [2]  # the bundle's [window] batch
+    # a GPU instance: the node's GPU batch for the 32x128x128 patch (32: 2^24 voxels of tiles) within --max-batch
+    # (8), not the CPU's [window] batch (2)
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8]
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
     liver = _parse(tmp_path / "repo" / "liver" / "config.pbtxt")
     assert liver.max_batch_size == 1  # a single block of ~2 GB activations is not batched further
@@ -144,6 +146,47 @@ def test_requests_are_cut_to_the_servers_batch_and_kept_in_flight() -> None:
     assert engine.chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]  # never above max_batch_size
     assert engine.chunks(8, 8) == [(0, 4), (4, 8)]
     assert engine.chunks(3, 0) == [(0, 3)]  # a model that does not batch takes the batch as it is
+    engine.close()
+
+
+def _imported_like(batch: int = 1) -> Any:
+    """body-threshold with an imported nnU-Net bundle's window: [window] batch 1, patch 160x128x112."""
+    import dataclasses
+
+    bundle = load_bundle(ENGINES / "body-threshold")
+    return dataclasses.replace(bundle, window=dataclasses.replace(bundle.window, batch=batch, patch=(160, 128, 112)))
+
+
+def test_the_preferred_batch_is_the_gpu_batch_on_a_gpu_instance_and_the_bundles_on_a_cpu_instance(
+        tmp_path: Path) -> None:
+    imported = _imported_like()
+    assert preferred_batch(imported, InstanceKind.GPU) == 4  # 4 tiles of 160x128x112, as node/infer/gpu/plan.py
+    assert preferred_batch(imported, InstanceKind.CPU) == 1
+    assert preferred_batch(load_bundle(ENGINES / "liver"), InstanceKind.GPU) == 1  # a single block
+    done = export_repository([load_bundle(ENGINES / "body-threshold")], tmp_path / "repo", state_dir=tmp_path / "st",
+                             kind=InstanceKind.CPU)
+    cfg = _parse(tmp_path / "repo" / "body-threshold" / "config.pbtxt")
+    assert (done[0].max_batch_size, list(cfg.dynamic_batching.preferred_batch_size)) == (8, [2])
+    assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_CPU
+    # what the engine reads back, from either client's form of the configuration
+    assert _max_batch({"config": {"max_batch_size": 8, "backend": "onnxruntime",
+                                  "dynamic_batching": {"preferred_batch_size": [2]}}}) == (8, "onnxruntime", 2)
+    assert _max_batch({"max_batch_size": 0, "platform": "tensorrt_plan"}) == (0, "tensorrt_plan", 0)
+    assert _max_batch(cfg) == (8, "onnxruntime", 2)
+
+
+def test_the_window_hands_triton_a_requests_worth_of_tiles_for_each_request_in_flight() -> None:
+    """An imported bundle ([window] batch 1) on a GPU server configured for 4: 4 tiles a request, 2 in flight;
+    on a CPU server (no preferred batch) its own 1 a request; never more than 1 GiB of probabilities a call."""
+    engine = TritonEngine(_imported_like(), TritonConfig(in_flight=2))
+    engine._facts = ModelFacts(max_batch_size=8, platform="onnxruntime", out_channels=25, preferred_batch=4)
+    assert engine.max_batch == 4  # 8 tiles of 25 x 160x128x112 floats would be 1.8 GB: cut to 1 GiB's 4 tiles
+    engine._facts = ModelFacts(max_batch_size=8, platform="onnxruntime", out_channels=2, preferred_batch=4)
+    assert engine.max_batch == 8 and engine.chunks(8, 8) == [(0, 4), (4, 8)]
+    engine._facts = ModelFacts(max_batch_size=8, platform="onnxruntime", out_channels=2)
+    assert engine.max_batch == 2 and engine.chunks(2, 8) == [(0, 1), (1, 2)]  # two requests overlap, not one
+    engine._facts = ModelFacts(max_batch_size=2, platform="onnxruntime", out_channels=2, preferred_batch=4)
+    assert engine.max_batch == 4  # within the server's max_batch_size a request
     engine.close()
 
 

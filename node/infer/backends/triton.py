@@ -32,10 +32,13 @@ from node.infer.backends.base import BackendSettings, LoadedEngine
 from node.infer.backends.triton_shm import ThreadRegions, output_shape
 from node.infer.engine import BackendStatus
 from node.model.bundle import Bundle
-from node.model.enums import EngineBackend
+from node.model.enums import EngineBackend, WindowMode
 
 #: The rank the node's engines take and give: (batch, channel, depth, height, width).
 RANK = 5
+#: The most float32 probabilities one call to the engine brings back into the node (all its requests together):
+#: 8 tiles of 160x128x112 at 25 classes would be 1.8 GB.
+MAX_RETURNED_BYTES = 1 << 30
 
 
 class TritonUnavailable(Retryable):
@@ -49,6 +52,7 @@ class ModelFacts:
     max_batch_size: int  # 0: the model does not batch (the batch is in its dims); each request is the whole batch
     platform: str
     out_channels: int = 0  # K of the output when the model fixes it (0: free), to size a shared-memory region
+    preferred_batch: int = 0  # the largest of dynamic_batching's preferred_batch_size (0: none configured)
 
 
 def status() -> BackendStatus:
@@ -105,12 +109,17 @@ def _tensors(metadata: Any, key: str) -> list[dict[str, Any]]:
     return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in getattr(metadata, key)]
 
 
-def _max_batch(config: Any) -> tuple[int, str]:
+def _max_batch(config: Any) -> tuple[int, str, int]:
+    """(max_batch_size, platform or backend, largest preferred batch or 0) from a model configuration, as the
+    HTTP client (a dict) or the gRPC client (a protobuf message) gives it."""
     if isinstance(config, dict):
         config = config.get("config", config)
-        return int(config.get("max_batch_size", 0)), str(config.get("platform") or config.get("backend") or "")
+        preferred = (config.get("dynamic_batching") or {}).get("preferred_batch_size") or [0]
+        return (int(config.get("max_batch_size", 0)), str(config.get("platform") or config.get("backend") or ""),
+                max(int(p) for p in preferred))
     inner = getattr(config, "config", config)
-    return int(inner.max_batch_size), str(inner.platform or inner.backend)
+    preferred = list(inner.dynamic_batching.preferred_batch_size) or [0]
+    return int(inner.max_batch_size), str(inner.platform or inner.backend), max(int(p) for p in preferred)
 
 
 def check_tensor(model: str, role: str, tensors: list[dict[str, Any]], name: str) -> None:
@@ -142,6 +151,9 @@ class TritonEngine:
         self.version = cfg.model_version
         self.input_name = bundle.input_name
         self.output_name = bundle.output_name
+        self.window_batch = max(1, bundle.window.batch)
+        self.single_block = bundle.window.mode is WindowMode.SINGLE_BLOCK
+        self.patch = bundle.window.patch
         self.name = f"triton:{self.model}@{cfg.url}"
         self._local = threading.local()
         self._facts: ModelFacts | None = None
@@ -198,17 +210,35 @@ class TritonEngine:
                                     + "; load it (engines export-triton writes the repository)")
         metadata = self._call("give the metadata", lambda: c.get_model_metadata(self.model, self.version, **timeout))
         config = self._call("give the configuration", lambda: c.get_model_config(self.model, self.version, **timeout))
-        max_batch, platform = _max_batch(config)
+        max_batch, platform, preferred = _max_batch(config)
         for role, key, name in (("input", "inputs", self.input_name), ("output", "outputs", self.output_name)):
             check_tensor(self.model, role, _tensors(metadata, key), name)
         out = next(t for t in _tensors(metadata, "outputs") if t["name"] == self.output_name)
-        facts = ModelFacts(max_batch, platform, max(0, int(out["shape"][1])))
+        facts = ModelFacts(max_batch, platform, max(0, int(out["shape"][1])), preferred)
         self._facts = facts
         return facts
 
     def facts(self) -> ModelFacts:
         with self._lock:
             return self._facts if self._facts is not None else self.check()
+
+    @property
+    def max_batch(self) -> int:
+        """Tiles the sliding window hands :meth:`run` at once (node/infer/window.py): a request's worth for each
+        of the ``in_flight`` requests, a request's worth being the server's preferred batch (else the bundle's
+        ``[window] batch``) within its ``max_batch_size``. So requests overlap even for a bundle whose own batch
+        is 1 (an imported nnU-Net model), and a GPU server gets the batch it was configured for; at most
+        :data:`MAX_RETURNED_BYTES` of probabilities come back for one call (at least one tile a request). Asking
+        checks the server (:class:`TritonUnavailable` when it cannot be reached, as the first batch would)."""
+        if self.single_block:
+            return 1
+        facts = self.facts()
+        per_request = facts.preferred_batch or self.window_batch
+        if facts.max_batch_size > 0:
+            per_request = min(per_request, facts.max_batch_size)
+        in_flight = max(1, self.cfg.in_flight)
+        tile_bytes = max(1, facts.out_channels) * int(np.prod(self.patch)) * 4
+        return max(in_flight, min(max(1, per_request) * in_flight, MAX_RETURNED_BYTES // tile_bytes))
 
     # ------------------------------------------------------------------ inference
     def chunks(self, n: int, max_batch: int) -> list[tuple[int, int]]:
