@@ -145,14 +145,15 @@ def read_ours(results: Sequence[OurResult], grid: Grid, theirs: Sequence[Structu
     one with the fewest structures the set does not carry; where no name matches, the largest. Comparing with
     another selection would call structures the clinician never received "deleted", or ones they did "added".
     """
-    keys = {canonical(s.name, aliases or {}) for s in theirs}
+    aliases = aliases or {}
+    keys = {canonical(s.name, aliases) for s in theirs}
     structures: list[Structure] = []
     for result in results:
         best: tuple[int, int] | None = None
         chosen: list[Structure] = []
         for path in result.paths:
             _, found = read_side(path, grid, bundle=result.bundle, what=f"job {result.job_id}'s result")
-            matches = sum(canonical(s.name, aliases or {}) in keys for s in found)
+            matches = sum(canonical(s.name, aliases) in keys for s in found)
             unmatched = len(found) - matches
             score = (matches, -unmatched) if matches else (0, len(found))
             if best is None or score > best:

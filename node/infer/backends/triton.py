@@ -151,9 +151,7 @@ class TritonEngine:
         self.version = cfg.model_version
         self.input_name = bundle.input_name
         self.output_name = bundle.output_name
-        self.window_batch = max(1, bundle.window.batch)
-        self.single_block = bundle.window.mode is WindowMode.SINGLE_BLOCK
-        self.patch = bundle.window.patch
+        self.window = bundle.window
         self.name = f"triton:{self.model}@{cfg.url}"
         self._local = threading.local()
         self._facts: ModelFacts | None = None
@@ -230,14 +228,14 @@ class TritonEngine:
         is 1 (an imported nnU-Net model), and a GPU server gets the batch it was configured for; at most
         :data:`MAX_RETURNED_BYTES` of probabilities come back for one call (at least one tile a request). Asking
         checks the server (:class:`TritonUnavailable` when it cannot be reached, as the first batch would)."""
-        if self.single_block:
+        if self.window.mode is WindowMode.SINGLE_BLOCK:
             return 1
         facts = self.facts()
-        per_request = facts.preferred_batch or self.window_batch
+        per_request = facts.preferred_batch or max(1, self.window.batch)
         if facts.max_batch_size > 0:
             per_request = min(per_request, facts.max_batch_size)
         in_flight = max(1, self.cfg.in_flight)
-        tile_bytes = max(1, facts.out_channels) * int(np.prod(self.patch)) * 4
+        tile_bytes = max(1, facts.out_channels) * int(np.prod(self.window.patch)) * 4
         return max(in_flight, min(max(1, per_request) * in_flight, MAX_RETURNED_BYTES // tile_bytes))
 
     # ------------------------------------------------------------------ inference
